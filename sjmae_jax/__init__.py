@@ -1,0 +1,1 @@
+"""sjmae_jax: multi-task self-supervised ViT pretraining (SJ-MAE, MAE and relatives) in JAX/Flax."""

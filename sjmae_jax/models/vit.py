@@ -1,0 +1,286 @@
+"""Vision Transformer encoder with timm/facebookresearch-mae parameter names.
+
+Parameter tree (Flax names -> timm names, see sjmae_jax/interop):
+  patch_embed/proj/{kernel (p,p,C,D), bias}   -> patch_embed.proj.{weight (D,C,p,p), bias}
+  cls_token (1,1,D), pos_embed (1,1+L,D)       -> cls_token, pos_embed
+  blocks_{i}/norm1, attn/qkv (fused q,k,v), attn/proj, norm2, mlp/fc1, mlp/fc2
+  blocks_{i}/ls1/gamma, ls2/gamma (LayerScale, only when layer_scale_init is set)
+  norm                                        -> norm
+Linear kernels are (in, out); timm's weights are (out, in). qkv is fused like timm's, with the
+output index laid out as (3, heads, head_dim).
+
+`pos_embed` is a parameter initialised to the fixed 2-D sin-cos table; pretraining configs freeze
+it through the optimizer (as MAE does with requires_grad=False), fine-tuning trains it (as timm).
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sjmae_jax.models import posemb
+
+VARIANTS = {
+    # name: (embed_dim, depth, num_heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+xavier_uniform = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def patch_kernel_init(key, shape, dtype=jnp.float32):
+  """Xavier-uniform on the kernel viewed as [out, C*p*p], as MAE initialises its patch conv."""
+  fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
+  limit = np.sqrt(6.0 / (fan_in + fan_out))
+  return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's Conv2d default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); MAE leaves it so."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def sincos_init(grid_size: int, cls_token: bool = True):
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    table = posemb.sincos_2d(shape[-1], grid_size, cls_token=cls_token)
+    if table.shape != tuple(shape):
+      raise ValueError(f"pos_embed shape {shape} does not match a {grid_size}x{grid_size} grid")
+    return jnp.asarray(table, dtype)
+  return init
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, L, p*p*C) in MAE's order (n, h, w, p, q, c)."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
+  """Inverse of `patchify` for a square grid."""
+  b, l, _ = patches.shape
+  g = int(round(l ** 0.5))
+  p = patch_size
+  x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * p, g * p, channels)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm's drop_path); uses the 'dropout' rng."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with fused qkv (timm layout).
+
+  `context` lets queries come from `x` while keys/values come from another stream (MaPeT's query
+  stream); `mask` is a boolean (B, 1|H, Tq, Tk) array, True where attending is allowed.
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    b, t, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=xavier_uniform, name="qkv")
+    proj = nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")
+    q, k, v = jnp.split(qkv(x).reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
+    q = q[:, :, 0]
+    if context is None:
+      k, v = k[:, :, 0], v[:, :, 0]
+    else:
+      tc = context.shape[1]
+      kv = qkv(context).reshape(b, tc, 3, self.num_heads, head_dim)
+      k, v = kv[:, :, 1], kv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    return proj(out.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (timm's Block): x + attn(norm1(x)); x + mlp(norm2(x))."""
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  layer_scale_init: Optional[float] = None
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  def setup(self):
+    self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl)
+    self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype)
+    self.drop = DropPath(self.drop_path)
+    if self.layer_scale_init is not None:
+      self.ls1 = LayerScale(self.layer_scale_init)
+      self.ls2 = LayerScale(self.layer_scale_init)
+
+  def _scale(self, name, x):
+    return getattr(self, name)(x) if self.layer_scale_init is not None else x
+
+  def __call__(self, x, *, train: bool = False, mask=None, context=None):
+    """With `context`, `x` is a query stream attending over `context` (pre-normed inside)."""
+    deterministic = not train
+    ctx = None if context is None else self.norm1(context)
+    x = x + self.drop(self._scale("ls1", self.attn(self.norm1(x), context=ctx, mask=mask)),
+                      deterministic)
+    return x + self.drop(self._scale("ls2", self.mlp(self.norm2(x))), deterministic)
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder. Returns all tokens (cls first) after the final LayerNorm.
+
+  keep_ids (B, K): indices of the patches to encode (MAE's visible set), gathered after the
+    position embedding is added, so each kept token carries its own position.
+  use_pos_embed=False: no position embedding on any token (SJ-MAE's jigsaw pass).
+  patch_mask (B, L) bool: True patches are replaced by `mask_token` before the position
+    embedding (SimMIM / mask-tokens-before-encoder); creates the `mask_token` parameter.
+  """
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  layer_scale_init: Optional[float] = None
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+  remat: bool = False
+  final_norm: bool = True  # False for global-pool classifiers, whose fc_norm replaces `norm`
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  def setup(self):
+    p, c, d = self.patch_size, self.in_chans, self.embed_dim
+    self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype)
+    self.cls_token = self.param("cls_token", token_init, (1, 1, d))
+    self.pos_embed = self.param("pos_embed", sincos_init(self.grid_size), (1, 1 + self.num_patches, d))
+    block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    self.blocks = [
+        block_cls(d, self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init,
+                  dtype=self.dtype, attention_impl=self.attention_impl, name=f"blocks_{i}")
+        for i in range(self.depth)]
+    if self.final_norm:
+      self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+
+  def embed_patches(self, images, patch_mask=None):
+    """Patch tokens (B, L, D) without position embedding."""
+    x = self.patch_embed(images)
+    if patch_mask is not None:
+      mask_token = self.param("mask_token", token_init, (1, 1, self.embed_dim))
+      x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
+    return x
+
+  def __call__(self, images, *, keep_ids=None, use_pos_embed: bool = True, patch_mask=None,
+               train: bool = False):
+    if images.shape[1] != self.img_size or images.shape[2] != self.img_size:
+      raise ValueError(f"image size {images.shape[1:3]} does not match model img_size {self.img_size}")
+    x = self.embed_patches(images, patch_mask)
+    pos = self.pos_embed.astype(x.dtype)
+    cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
+    if use_pos_embed:
+      x = x + pos[:, 1:]
+      cls = cls + pos[:, :1]
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+    x = jnp.concatenate([cls, x], axis=1)
+    for block in self.blocks:
+      x = block(x, train=train)
+    return self.norm(x) if self.final_norm else x
+
+
+class PatchEmbed(nn.Module):
+  patch_size: int
+  embed_dim: int
+  in_chans: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                kernel_init=patch_kernel_init,
+                bias_init=torch_default_bias_init(p * p * self.in_chans), name="proj")(images)
+    return x.reshape(x.shape[0], -1, self.embed_dim)
+
+
+def vit_kwargs(model_config) -> dict:
+  """Keyword arguments of VisionTransformer from a config's `model` block.
+
+  `variant` names a standard size (tiny/small/base/large/huge); embed_dim/depth/num_heads given
+  explicitly (non-zero) override it, so custom widths need no new variant.
+  """
+  variant = model_config.get("variant", "base")
+  if variant not in VARIANTS and variant != "custom":
+    raise ValueError(f"config model.variant: unknown ViT variant {variant!r}; "
+                     f"choose one of {sorted(VARIANTS)} or 'custom'")
+  dim, depth, heads = VARIANTS.get(variant, (0, 0, 0))
+  dim = model_config.get("embed_dim", 0) or dim
+  depth = model_config.get("depth", 0) or depth
+  heads = model_config.get("num_heads", 0) or heads
+  if not (dim and depth and heads):
+    raise ValueError("config model: a 'custom' variant needs embed_dim, depth and num_heads")
+  if dim % heads:
+    raise ValueError(f"config model: embed_dim {dim} is not divisible by num_heads {heads}")
+  img, patch = model_config.img_size, model_config.patch_size
+  if img % patch:
+    raise ValueError(f"config model: img_size {img} is not divisible by patch_size {patch}")
+  return dict(img_size=img, patch_size=patch, in_chans=model_config.get("in_chans", 3),
+              embed_dim=dim, depth=depth, num_heads=heads,
+              mlp_ratio=model_config.get("mlp_ratio", 4.0),
+              drop_path_rate=model_config.get("drop_path_rate", 0.0),
+              layer_scale_init=model_config.get("layer_scale_init", None),
+              attention_impl=model_config.get("attention_impl", None),
+              remat=model_config.get("remat", False))
