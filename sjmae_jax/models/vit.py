@@ -175,9 +175,10 @@ class VisionTransformer(nn.Module):
 
   keep_ids (B, K): indices of the patches to encode (MAE's visible set), gathered after the
     position embedding is added, so each kept token carries its own position.
-  use_pos_embed=False: no position embedding on any token (SJ-MAE's jigsaw pass).
+  use_pos_embed=False: no position embedding on any token (SJ-MAE's jigsaw pass); a (B,) array
+    of 0/1 switches it per sample.
   patch_mask (B, L) bool: True patches are replaced by `mask_token` before the position
-    embedding (SimMIM / mask-tokens-before-encoder); creates the `mask_token` parameter.
+    embedding (SimMIM / mask-tokens-before-encoder); needs use_mask_token=True.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -192,6 +193,7 @@ class VisionTransformer(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   final_norm: bool = True  # False for global-pool classifiers, whose fc_norm replaces `norm`
+  use_mask_token: bool = False  # creates `mask_token` for patch_mask (mask-before-encoder methods)
 
   @property
   def grid_size(self) -> int:
@@ -214,13 +216,16 @@ class VisionTransformer(nn.Module):
         for i in range(self.depth)]
     if self.final_norm:
       self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    if self.use_mask_token:
+      self.mask_token = self.param("mask_token", token_init, (1, 1, d))
 
   def embed_patches(self, images, patch_mask=None):
     """Patch tokens (B, L, D) without position embedding."""
     x = self.patch_embed(images)
     if patch_mask is not None:
-      mask_token = self.param("mask_token", token_init, (1, 1, self.embed_dim))
-      x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
+      if not self.use_mask_token:
+        raise ValueError("patch_mask needs a VisionTransformer built with use_mask_token=True")
+      x = jnp.where(patch_mask[..., None], self.mask_token.astype(x.dtype), x)
     return x
 
   def __call__(self, images, *, keep_ids=None, use_pos_embed: bool = True, patch_mask=None,
@@ -230,7 +235,11 @@ class VisionTransformer(nn.Module):
     x = self.embed_patches(images, patch_mask)
     pos = self.pos_embed.astype(x.dtype)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
-    if use_pos_embed:
+    if not isinstance(use_pos_embed, bool):  # per-sample switch (B,): batches SJ-MAE's two passes
+      on = jnp.asarray(use_pos_embed, x.dtype)[:, None, None]
+      x = x + on * pos[:, 1:]
+      cls = cls + on * pos[:, :1]
+    elif use_pos_embed:
       x = x + pos[:, 1:]
       cls = cls + pos[:, :1]
     if keep_ids is not None:
@@ -281,6 +290,6 @@ def vit_kwargs(model_config) -> dict:
               embed_dim=dim, depth=depth, num_heads=heads,
               mlp_ratio=model_config.get("mlp_ratio", 4.0),
               drop_path_rate=model_config.get("drop_path_rate", 0.0),
-              layer_scale_init=model_config.get("layer_scale_init", None),
-              attention_impl=model_config.get("attention_impl", None),
+              layer_scale_init=model_config.get("layer_scale_init", 0.0) or None,
+              attention_impl=model_config.get("attention_impl", "") or None,
               remat=model_config.get("remat", False))

@@ -1,0 +1,83 @@
+"""Default data configuration: every key the input pipeline reads, with its default."""
+
+import os
+
+import ml_collections
+
+# ImageNet statistics, as used by MAE / SJ-MAE / timm (RGB, images scaled to [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_tfds_dir():
+  return os.environ.get('SJMAE_TFDS_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+def _recipe(**overrides):
+  """One augmentation recipe. Every recipe has every key so that any can be overridden."""
+  recipe = dict(
+      # 'random_resized_crop' (train) or 'center' (resize + center crop, the eval recipe).
+      crop='random_resized_crop',
+      rrc_scale=(0.2, 1.0),  # fraction of the image area
+      rrc_ratio=(3.0 / 4.0, 4.0 / 3.0),  # width / height, sampled log-uniformly
+      interpolation='bicubic',  # 'bicubic' | 'bilinear'
+      flip_prob=0.5,
+      jitter_prob=0.0,  # probability of applying colour jitter at all
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.4,
+      hue=0.1,
+      grayscale_prob=0.0,
+      blur_prob=0.0,
+      blur_sigma=(0.1, 2.0),  # in pixels of the output image
+      solarize_prob=0.0,
+      solarize_threshold=0.5,  # on the [0, 1] scale (128 / 255 ~ 0.5)
+  )
+  recipe.update(overrides)
+  return recipe
+
+
+RECIPE_KEYS = tuple(_recipe())
+
+
+def default_config():
+  """The `data` section of an experiment config (an ml_collections.ConfigDict)."""
+  cfg = ml_collections.ConfigDict()
+  # 'digits' (embedded, offline), 'tfds:NAME[:VERSION]' or 'folder:PATH' (ImageFolder layout).
+  cfg.source = 'digits'
+  cfg.train_split = 'train'
+  cfg.eval_split = 'test'
+  cfg.data_dir = default_tfds_dir()  # TFDS data_dir; also holds the prepared folder caches
+  cfg.download = False  # allow TFDS download_and_prepare of datasets not yet prepared
+  cfg.image_key = 'image'  # TFDS feature names
+  cfg.label_key = 'label'
+
+  cfg.img_size = 16
+  cfg.views = ['mae']  # one recipe name per view; a batch carries len(views) views per image
+  cfg.recipes = ml_collections.ConfigDict(dict(
+      mae=_recipe(),
+      # SJ-MAE / CAN two-view recipe (SimCLR augmentations).
+      simclr=_recipe(jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
+      eval=_recipe(crop='center', flip_prob=0.0),
+  ))
+  cfg.eval_recipe = 'eval'
+  # Eval: resize the shorter side to img_size / eval_crop_fraction, then center crop img_size.
+  cfg.eval_crop_fraction = 0.875
+
+  # 'imagenet', 'none' (keep [0, 1]) or 'custom' (use mean / std below).
+  cfg.normalize = 'imagenet'
+  cfg.mean = IMAGENET_MEAN
+  cfg.std = IMAGENET_STD
+
+  # Hold the decoded uint8 images in memory (when every image has the same size): fastest for
+  # CIFAR / digits sized data. Otherwise images are decoded on the fly every step.
+  cfg.cache = True
+  cfg.cache_max_gb = 16.0  # larger splits are streamed / decoded every step instead
+  cfg.shuffle_buffer = 10_000  # used only when streaming a TFDS split (cache=False)
+  cfg.skip_corrupt = False  # folder sources: skip undecodable files (counted in the log)
+  cfg.prefetch = 2  # host-side batches prepared ahead
+  # Compute the views (crop of cached images, colour ops, normalisation) inside the training
+  # step on the accelerator instead of on the host CPU; see TrainPipeline.finish_batch.
+  cfg.augment_on_device = False
+  cfg.num_parallel_calls = -1  # tf.data map parallelism, -1 = AUTOTUNE
+  return cfg

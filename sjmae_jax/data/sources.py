@@ -1,0 +1,430 @@
+"""Data sources: the embedded digits, any TFDS dataset, an ImageFolder tree.
+
+A source answers the metadata questions (classes, split sizes) and hands a split to the pipeline
+as one of:
+  * `ArraySplit`: decoded uint8 images of one size held in memory (random access, fastest);
+  * `FileSplit`: image files decoded every step (random access by index);
+  * `TfdsStreamSplit`: a TFDS split read sequentially (too big or too varied to hold in memory).
+Every bad-input case raises `DataError` with a one-line message, before anything is compiled.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sjmae_jax.data.digits import DIGITS_NAME, SjmaeDigits
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+class DataError(ValueError):
+  """Bad input data or data config; the message is one line naming the file / key / value."""
+
+
+@dataclasses.dataclass
+class ArraySplit:
+  images: np.ndarray  # uint8 [N, H, W, 3]
+  labels: np.ndarray  # int32 [N]
+
+  @property
+  def num_examples(self):
+    return len(self.labels)
+
+
+@dataclasses.dataclass
+class FileSplit:
+  files: list  # paths, decoded with tf.io.decode_image every time they are read
+  labels: np.ndarray  # int32 [N]
+
+  @property
+  def num_examples(self):
+    return len(self.labels)
+
+
+@dataclasses.dataclass
+class TfdsStreamSplit:
+  builder: object  # tfds.core.DatasetBuilder, prepared
+  split: str
+  num_examples: int
+  image_key: str
+  label_key: str
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  source: str
+  num_classes: int
+  class_names: list
+  split_sizes: dict  # the configured train / eval split expressions -> number of examples
+  num_examples_fn: object = dataclasses.field(repr=False, default=None)
+
+  def num_examples(self, split):
+    if split not in self.split_sizes:
+      self.split_sizes[split] = self.num_examples_fn(split)
+    return self.split_sizes[split]
+
+
+# ---------------------------------------------------------------------------------------------
+# Split expressions for folders ('train', 'train[:80%]', 'train[100:]', 'train+test').
+
+_SLICE_RE = re.compile(r'^(?P<name>[^\[\]+]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$')
+
+
+def _boundary(text, size, default):
+  if text == '':
+    return default
+  if text.endswith('%'):
+    value = int(round(size * int(text[:-1]) / 100.0))
+  else:
+    value = int(text)
+  if value < 0:
+    value += size
+  return min(max(value, 0), size)
+
+
+def parse_split(expression):
+  """'train[:80%]+test' -> [('train', ':80%' parts)] as (name, start_text, stop_text)."""
+  parts = []
+  for part in expression.replace(' ', '').split('+'):
+    match = _SLICE_RE.match(part)
+    if not match:
+      raise DataError(f'cannot parse split expression {expression!r} '
+                      "(expected e.g. 'train', 'train[:80%]', 'train[1000:]', 'train+test')")
+    parts.append((match['name'], match['start'] or '', match['stop'] or ''))
+  return parts
+
+
+def slice_indices(expression, split_sizes):
+  """Absolute (name, start, stop) ranges of a split expression, given each named split's size."""
+  ranges = []
+  for name, start, stop in parse_split(expression):
+    size = split_sizes(name)
+    ranges.append((name, _boundary(start, size, 0), _boundary(stop, size, size)))
+  return ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (and the digits dataset, which is a TFDS builder prepared locally).
+
+_array_cache = {}
+_array_cache_lock = threading.Lock()
+
+
+class TfdsSource:
+
+  def __init__(self, cfg, builder, description):
+    self.description = description
+    self.builder = builder
+    self.image_key = cfg.image_key
+    self.label_key = cfg.label_key
+    features = builder.info.features
+    for key in (self.image_key, self.label_key):
+      if key not in features:
+        raise DataError(f'{description} has no feature {key!r} (features: '
+                        f'{", ".join(sorted(features.keys()))}); set data.image_key/label_key')
+    label_feature = features[self.label_key]
+    if not isinstance(label_feature, tfds.features.ClassLabel):
+      raise DataError(f'{description}: feature {self.label_key!r} is not a class label '
+                      f'({type(label_feature).__name__}); set data.label_key')
+    if not isinstance(features[self.image_key], tfds.features.Image):
+      raise DataError(f'{description}: feature {self.image_key!r} is not an image '
+                      f'({type(features[self.image_key]).__name__}); set data.image_key')
+    self.num_classes = int(label_feature.num_classes)
+    self.class_names = list(label_feature.names)
+    self.image_shape = tuple(features[self.image_key].shape)
+    self.cache_max_bytes = cfg.cache_max_gb * 2**30
+
+  def num_examples(self, split):
+    try:
+      return int(self.builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, AssertionError) as error:
+      available = ', '.join(sorted(self.builder.info.splits.keys()))
+      raise DataError(f'{self.description}: bad split {split!r} (splits: {available}): '
+                      f'{str(error).splitlines()[0] if str(error) else ""}') from None
+
+  def load(self, split, cache):
+    num_examples = self.num_examples(split)
+    if num_examples == 0:
+      raise DataError(f'{self.description}: split {split!r} has no examples')
+    fixed_size = None not in self.image_shape
+    if cache and fixed_size:
+      cache_bytes = num_examples * int(np.prod(self.image_shape[:2])) * 3
+      if cache_bytes > self.cache_max_bytes:
+        log.warning('%s split %r: %.1f GB decoded is over data.cache_max_gb; streaming it',
+                    self.description, split, cache_bytes / 2**30)
+        cache = False
+    if not (cache and fixed_size):
+      return TfdsStreamSplit(self.builder, split, num_examples, self.image_key, self.label_key)
+    key = (self.builder.data_dir, split, self.image_key, self.label_key)
+    with _array_cache_lock:
+      if key not in _array_cache:
+        _array_cache[key] = self._read_arrays(split)
+      return _array_cache[key]
+
+  def _read_arrays(self, split):
+    dataset = self.builder.as_dataset(split=split, shuffle_files=False)
+    images, labels = [], []
+    for batch in tfds.as_numpy(dataset.batch(1024)):
+      images.append(batch[self.image_key])
+      labels.append(batch[self.label_key])
+    images = as_rgb(np.concatenate(images))
+    return ArraySplit(images, np.concatenate(labels).astype(np.int32))
+
+
+def as_rgb(images):
+  """uint8 [..., H, W, C] with C in 1 (gray), 3, 4 (alpha dropped) -> [..., H, W, 3]."""
+  channels = images.shape[-1]
+  if channels == 1:
+    return np.repeat(images, 3, axis=-1)
+  if channels == 4:
+    return images[..., :3]
+  return images
+
+
+def _tfds_source(cfg, name):
+  data_dir = os.path.expanduser(cfg.data_dir)
+  description = f'TFDS dataset {name!r}'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f'unknown TFDS dataset {name!r} (data.source=tfds:{name}); '
+                    'see https://www.tensorflow.org/datasets/catalog') from None
+  except ValueError as error:  # bad version / config name
+    raise DataError(f'{description}: {str(error).splitlines()[0]}') from None
+  if not builder.is_prepared():
+    if not cfg.download:
+      raise DataError(f'{description} is not prepared under {data_dir} (data.data_dir); '
+                      'prepare it with `tfds build` or set data.download=True')
+    builder.download_and_prepare()
+  return TfdsSource(cfg, builder, description)
+
+
+def _digits_source(cfg):
+  data_dir = os.path.expanduser(cfg.data_dir)
+  builder = SjmaeDigits(data_dir=data_dir)
+  if not builder.is_prepared():
+    log.info('Preparing the embedded digits dataset under %s', data_dir)
+    builder.download_and_prepare()
+  # digits is always held in memory: 1797 images of 8x8.
+  return TfdsSource(cfg, builder, 'digits')
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder: ROOT/<split>/<class>/<image>.
+
+
+class FolderSource:
+
+  def __init__(self, cfg, root):
+    self.root = os.path.abspath(os.path.expanduser(root))
+    self.description = f'image folder {self.root}'
+    self.data_dir = os.path.expanduser(cfg.data_dir)
+    self.skip_corrupt = bool(cfg.skip_corrupt)
+    self.cache_max_bytes = cfg.cache_max_gb * 2**30
+    if not os.path.isdir(self.root):
+      raise DataError(f'image folder does not exist: {self.root} (data.source=folder:{root})')
+    split_dirs = _subdirectories(self.root)
+    if not split_dirs:
+      raise DataError(f'image folder {self.root} has no split folders '
+                      '(expected ROOT/<split>/<class>/<image>)')
+    self.split_names = split_dirs
+    # Labels come from the sorted union of class folder names over all splits, so a class
+    # means the same label in every split even when a split lacks some classes.
+    class_names = set()
+    for split in split_dirs:
+      split_dir = os.path.join(self.root, split)
+      class_names.update(_subdirectories(split_dir))
+    self.class_names = sorted(class_names)
+    self.num_classes = len(self.class_names)
+    if not self.class_names:
+      raise DataError(f'image folder {self.root} has no class folders '
+                      '(expected ROOT/<split>/<class>/<image>)')
+    self._listing = {}
+    self._prepared = {}
+    self.skipped_files = {}  # split -> undecodable files skipped (data.skip_corrupt=True)
+
+  def list_split(self, split):
+    """Sorted (files, labels) of one named split folder; errors on empty classes / splits."""
+    if split in self._listing:
+      return self._listing[split]
+    split_dir = os.path.join(self.root, split)
+    if not os.path.isdir(split_dir):
+      raise DataError(f'split folder does not exist: {split_dir} '
+                      f'(splits found: {", ".join(self.split_names)})')
+    files, labels = [], []
+    class_dirs = _subdirectories(split_dir)
+    if not class_dirs:
+      raise DataError(f'split folder has no class folders: {split_dir}')
+    for class_name in class_dirs:
+      class_dir = os.path.join(split_dir, class_name)
+      images = sorted(name for name in os.listdir(class_dir)
+                      if name.lower().endswith(IMAGE_EXTENSIONS))
+      if not images:
+        raise DataError(f'empty class folder (no {"/".join(IMAGE_EXTENSIONS)} files): '
+                        f'{class_dir}')
+      files.extend(os.path.join(class_dir, name) for name in images)
+      labels.extend([self.class_names.index(class_name)] * len(images))
+    self._listing[split] = (files, np.asarray(labels, np.int32))
+    return self._listing[split]
+
+  def num_examples(self, split):
+    # Counts files without decoding; corrupt files skipped at preparation are not subtracted.
+    sizes = lambda name: len(self.list_split(name)[0])
+    return sum(stop - start for _, start, stop in slice_indices(split, sizes))
+
+  def load(self, split, cache):
+    parts = []
+    sizes = lambda name: self.prepare(name, cache).num_examples
+    for name, start, stop in slice_indices(split, sizes):
+      prepared = self.prepare(name, cache)
+      if isinstance(prepared, ArraySplit):
+        parts.append(ArraySplit(prepared.images[start:stop], prepared.labels[start:stop]))
+      else:
+        parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop]))
+    if sum(part.num_examples for part in parts) == 0:
+      raise DataError(f'split {split!r} of {self.description} has no images')
+    if len(parts) == 1:
+      return parts[0]
+    if all(isinstance(part, ArraySplit) for part in parts):
+      same_shape = len({part.images.shape[1:] for part in parts}) == 1
+      if same_shape:
+        return ArraySplit(np.concatenate([part.images for part in parts]),
+                          np.concatenate([part.labels for part in parts]))
+    files, labels = [], []
+    for name, start, stop in slice_indices(split, sizes):
+      prepared = self.prepare(name, cache=False)
+      files.extend(prepared.files[start:stop])
+      labels.append(prepared.labels[start:stop])
+    return FileSplit(files, np.concatenate(labels))
+
+  def prepare(self, split, cache):
+    """Validates (decodes) every image of a split once; caches uint8 arrays when possible.
+
+    The result is stored under data_dir keyed by the folder, the split and the listing (names,
+    sizes, modification times), so a changed folder is prepared again.
+    """
+    key = (split, bool(cache))
+    if key in self._prepared:
+      return self._prepared[key]
+    files, labels = self.list_split(split)
+    cache_dir = self._cache_dir(split, files)
+    meta_path = os.path.join(cache_dir, 'meta.json')
+    images_path = os.path.join(cache_dir, 'images.npy')
+    if not os.path.exists(meta_path) or (cache and self._is_fixed(meta_path)
+                                          and not os.path.exists(images_path)):
+      self._decode_and_store(split, files, labels, cache_dir, keep_arrays=cache)
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta['skipped']:
+      log.warning('%s split %r: skipped %d undecodable image(s) (data.skip_corrupt=True), '
+                  'e.g. %s', self.description, split, len(meta['skipped']), meta['skipped'][0])
+    skipped = set(meta['skipped'])
+    kept = np.asarray([index for index in range(len(files)) if files[index] not in skipped],
+                      np.int64)
+    if cache and meta['fixed_shape'] is not None:
+      result = ArraySplit(np.load(images_path), labels[kept])
+    else:
+      result = FileSplit([files[index] for index in kept], labels[kept])
+    self.skipped_files[split] = meta['skipped']
+    self._prepared[key] = result
+    return result
+
+  @staticmethod
+  def _is_fixed(meta_path):
+    with open(meta_path) as f:
+      return json.load(f)['fixed_shape'] is not None
+
+  def _cache_dir(self, split, files):
+    digest = hashlib.sha1()
+    digest.update(f'{self.root}\0{split}\0{self.skip_corrupt}\0'.encode())
+    for path in files:
+      stat = os.stat(path)
+      digest.update(f'{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+    name = f'{os.path.basename(self.root)}_{split}_{digest.hexdigest()[:16]}'
+    return os.path.join(self.data_dir, 'sjmae_folder_cache', name)
+
+  def _decode_and_store(self, split, files, labels, cache_dir, keep_arrays):
+    log.info('Preparing %s split %r: decoding %d images', self.description, split, len(files))
+    skipped = []
+    shapes = set()
+    arrays = [None] * len(files) if keep_arrays else None
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+      for index, (array, error) in enumerate(pool.map(_decode_file, files, chunksize=64)):
+        if arrays is not None and array is not None and array.nbytes * len(files) > (
+            self.cache_max_bytes):
+          log.warning('%s split %r: decoded images would exceed data.cache_max_gb; they are '
+                      'decoded every step instead', self.description, split)
+          arrays = None
+        if error is not None:
+          if not self.skip_corrupt:
+            raise DataError(f'cannot decode image {files[index]}: {error} '
+                            '(set data.skip_corrupt=True to skip such files)')
+          skipped.append(files[index])
+          continue
+        shapes.add(array.shape)
+        if arrays is not None and len(shapes) == 1:
+          arrays[index] = array
+        else:
+          arrays = None  # mixed sizes: images are decoded every step instead
+    if len(skipped) == len(files):
+      raise DataError(f'split {split!r} of {self.description} has no decodable images')
+    fixed_shape = list(shapes.pop()) if len(shapes) == 1 else None
+    os.makedirs(cache_dir, exist_ok=True)
+    if arrays is not None and fixed_shape is not None:
+      stacked = np.stack([array for array in arrays if array is not None])
+      _atomic_save(os.path.join(cache_dir, 'images.npy'), stacked)
+    meta = dict(root=self.root, split=split, num_files=len(files), skipped=skipped,
+                fixed_shape=fixed_shape)
+    temp = os.path.join(cache_dir, f'meta.json.tmp{os.getpid()}')
+    with open(temp, 'w') as f:
+      json.dump(meta, f)
+    os.replace(temp, os.path.join(cache_dir, 'meta.json'))
+
+
+def _subdirectories(path):
+  """Sorted names of the folders in `path`, hidden ones (.ipynb_checkpoints, ...) left out."""
+  return sorted(entry for entry in os.listdir(path)
+                if not entry.startswith('.') and os.path.isdir(os.path.join(path, entry)))
+
+
+def _decode_file(path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB')), None
+  except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
+    return None, f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+
+
+def _atomic_save(path, array):
+  temp = f'{path}.tmp{os.getpid()}.npy'
+  np.save(temp, array)
+  os.replace(temp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def open_source(cfg):
+  source = cfg.source
+  if source == 'digits':
+    return _digits_source(cfg)
+  if source.startswith('tfds:'):
+    name = source[len('tfds:'):]
+    if name in ('digits', DIGITS_NAME):
+      return _digits_source(cfg)
+    return _tfds_source(cfg, name)
+  if source.startswith('folder:'):
+    return FolderSource(cfg, source[len('folder:'):])
+  raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME' or "
+                  "'folder:PATH')")

@@ -1,0 +1,27 @@
+"""Per-sample random masking as in facebookresearch/mae (models_mae.py random_masking)."""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Masking(NamedTuple):
+  keep_ids: jax.Array     # (B, K) patch indices kept, in shuffled order
+  mask: jax.Array         # (B, L) float, 1 = removed, in original patch order
+  ids_restore: jax.Array  # (B, L) inverse permutation of the shuffle
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+  return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(rng, batch_size: int, num_patches: int, mask_ratio: float) -> Masking:
+  """noise ~ U[0,1); ids_shuffle = argsort(noise); keep the first int(L*(1-ratio)) of them."""
+  noise = jax.random.uniform(rng, (batch_size, num_patches))
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  len_keep = num_kept(num_patches, mask_ratio)
+  shuffled_mask = (jnp.arange(num_patches) >= len_keep).astype(jnp.float32)
+  mask = jnp.take_along_axis(jnp.broadcast_to(shuffled_mask, (batch_size, num_patches)),
+                             ids_restore, axis=1)
+  return Masking(ids_shuffle[:, :len_keep], mask, ids_restore)

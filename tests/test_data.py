@@ -1,0 +1,645 @@
+"""Tests of the input pipeline (sjmae_jax.data): ops against independent NumPy / PIL / stdlib
+expectations, sources, order (shards, determinism, resume) and bad input. Nothing is downloaded:
+the digits dataset is prepared from scikit-learn, folders are generated here with PIL."""
+
+import colorsys
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import tensorflow as tf
+from PIL import Image, ImageEnhance
+
+from sjmae_jax import data
+from sjmae_jax.data import augment_jax, augment_tf
+from sjmae_jax.data.digits import digits_arrays
+from sjmae_jax.data.sources import FileSplit, TfdsStreamSplit
+
+MEAN = np.asarray(data.IMAGENET_MEAN, np.float32)
+crop_resize = jax.jit(augment_jax.crop_resize, static_argnums=(2, 3))
+STD = np.asarray(data.IMAGENET_STD, np.float32)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def digits_config(data_dir, **overrides):
+  cfg = data.default_config()
+  cfg.data_dir = data_dir
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
+  return cfg
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_batches_equal(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert sorted(a) == sorted(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def write_folder(root, splits, size=(8, 8), fmt='png', color_of=None):
+  """ROOT/<split>/<class>/<i>.<fmt>; `splits` = {split: {class: count}}.
+
+  Each image is one constant colour encoding a global id (R = id % 256, G = id // 256), so any
+  crop of it still tells which file it came from.
+  """
+  ids = {}
+  next_id = 0
+  for split, classes in splits.items():
+    for class_name, count in classes.items():
+      class_dir = os.path.join(root, split, class_name)
+      os.makedirs(class_dir, exist_ok=True)
+      for i in range(count):
+        color = color_of(next_id) if color_of else (next_id % 256, next_id // 256, 77)
+        image = np.empty((size[0], size[1], 3), np.uint8)
+        image[...] = color
+        path = os.path.join(class_dir, f'{i:03d}.{fmt}')
+        Image.fromarray(image).save(path)
+        ids[path] = next_id
+        next_id += 1
+  return ids
+
+
+def example_ids(images_unnormalised):
+  """Constant-colour views (B, K, H, W, 3) in [0, 1] -> the id encoded in each example."""
+  pixels = np.round(images_unnormalised[:, 0, 0, 0] * 255).astype(np.int64)
+  return pixels[:, 0] + 256 * pixels[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and the digits dataset.
+
+
+def test_default_config_has_every_key():
+  cfg = data.default_config()
+  for key in ('source', 'train_split', 'eval_split', 'data_dir', 'img_size', 'views', 'recipes',
+              'normalize', 'eval_crop_fraction', 'cache', 'shuffle_buffer', 'skip_corrupt',
+              'prefetch', 'augment_on_device'):
+    assert key in cfg, key
+  assert cfg.source == 'digits' and list(cfg.views) == ['mae']
+  simclr = cfg.recipes.simclr
+  assert tuple(simclr.rrc_scale) == (0.2, 1.0)
+  assert (simclr.brightness, simclr.contrast, simclr.saturation, simclr.hue) == (0.4, 0.4, 0.4,
+                                                                                 0.1)
+  assert (simclr.jitter_prob, simclr.grayscale_prob, simclr.blur_prob) == (0.8, 0.2, 0.5)
+  assert tuple(simclr.blur_sigma) == (0.1, 2.0)
+  assert cfg.recipes.mae.jitter_prob == 0 and cfg.recipes.mae.flip_prob == 0.5
+
+
+def test_digits_is_a_prepared_tfds_dataset_with_fixed_split(data_dir):
+  info = data.dataset_info(digits_config(data_dir))
+  assert info.num_classes == 10
+  assert info.num_examples('train') + info.num_examples('test') == 1797
+  assert info.num_examples('train') == 1438
+  assert info.num_examples('train[:80%]') + info.num_examples('train[80%:]') == 1438
+  prepared = os.path.join(data_dir, 'sjmae_digits', '1.0.0')
+  assert os.path.isdir(prepared)
+  stamp = os.path.getmtime(os.path.join(prepared, 'dataset_info.json'))
+  data.dataset_info(digits_config(data_dir))  # reused, not prepared again
+  assert os.path.getmtime(os.path.join(prepared, 'dataset_info.json')) == stamp
+
+  # The eval pipeline at native size with crop fraction 1 is the identity crop, so its output
+  # is exactly the normalised stored pixels: checks the data, the labels and the normalisation.
+  # (TFDS stores a split in its own hashed order, so compare (image, label) pairs as sets.)
+  cfg = digits_config(data_dir, img_size=8, eval_crop_fraction=1.0)
+  images, labels = digits_arrays()
+  batches = list(data.build_eval_pipeline(cfg, split='test', global_batch_size=128,
+                                          process_index=0, process_count=1))
+  got = np.concatenate([b['images'] for b in batches])[:359, 0]
+  got_labels = np.concatenate([b['label'] for b in batches])[:359]
+  expected = (images[1438:].astype(np.float32) / 255.0 - MEAN) / STD
+
+  def sorted_pairs(pixels, pair_labels):
+    rows = np.concatenate([pixels.reshape(len(pixels), -1), pair_labels[:, None]], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+  np.testing.assert_allclose(sorted_pairs(got, got_labels),
+                             sorted_pairs(expected, labels[1438:]), atol=1e-5)
+  assert set(np.unique(images)) <= set(np.round(np.arange(17) * 255 / 16).astype(np.uint8))
+  assert (images[..., 0] == images[..., 2]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops against independent expectations.
+
+
+def pil_float_crop_resize(image, box, out, resample):
+  """Reference: PIL crop then resize, per channel in 32-bit float mode (no uint8 rounding)."""
+  top, left, height, width = box
+  channels = []
+  for c in range(3):
+    channel = Image.fromarray(image[..., c].astype(np.float32), mode='F')
+    channel = channel.crop((left, top, left + width, top + height)).resize((out, out), resample)
+    channels.append(np.asarray(channel))
+  return np.clip(np.stack(channels, -1) / 255.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize('box,out,interpolation', [
+    ((3, 5, 20, 30), 16, 'bicubic'),  # downsampling (antialiased)
+    ((10, 2, 6, 9), 24, 'bicubic'),  # upsampling
+    ((0, 0, 37, 53), 32, 'bilinear'),
+])
+def test_crop_box_semantics_match_pil(box, out, interpolation):
+  image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}[interpolation]
+  expected = pil_float_crop_resize(image, box, out, resample)
+  top, left, height, width = box
+  spec = np.asarray([[top, height, out, 0, left, width, out, 0]], np.float32)
+  batched = crop_resize(jnp.asarray(image[None]), jnp.asarray(spec), out, interpolation)
+  np.testing.assert_allclose(np.asarray(batched)[0], expected, atol=1e-5)
+  single = augment_tf.crop_one(tf.constant(image), tf.constant(spec[0]), out, interpolation)
+  # The per-image host path rounds to uint8, as torchvision's PIL path does.
+  np.testing.assert_allclose(single.numpy() / 255.0, expected, atol=0.5 / 255 + 1e-6)
+
+
+def test_eval_crop_is_resize_shorter_side_then_center_crop():
+  image = np.random.default_rng(1).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+  size, fraction = 16, 0.875
+  resize_to = int(size / fraction)  # 18: shorter side (height) -> 18, width -> int(18 * 45 / 30)
+  new_w = int(resize_to * 45 / 30)
+  channels = []
+  for c in range(3):
+    channel = Image.fromarray(image[..., c].astype(np.float32), mode='F')
+    channels.append(np.asarray(channel.resize((new_w, resize_to), Image.BICUBIC)))
+  resized = np.clip(np.stack(channels, -1) / 255.0, 0, 1)
+  top, left = int(round((resize_to - size) / 2)), int(round((new_w - size) / 2))
+  expected = resized[top:top + size, left:left + size]
+
+  recipe = data.default_config().recipes.eval
+  spec = augment_tf.crop_specs(tf.zeros([1, augment_tf.NUM_UNIFORMS]), 30, 45, recipe, size,
+                               fraction).numpy()
+  batched = crop_resize(jnp.asarray(image[None]), jnp.asarray(spec), size, 'bicubic')
+  np.testing.assert_allclose(np.asarray(batched)[0], expected, atol=1e-5)
+  single = augment_tf.crop_one(tf.constant(image), tf.constant(spec[0]), size, 'bicubic')
+  np.testing.assert_allclose(single.numpy() / 255.0, expected, atol=0.5 / 255 + 1e-6)
+
+
+def torchvision_rrc_params(rng, height, width, scale, ratio):
+  """NumPy transcription of torchvision RandomResizedCrop.get_params (the reference)."""
+  area = height * width
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    target_area = area * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(*log_ratio))
+    w = int(round(np.sqrt(target_area * aspect)))
+    h = int(round(np.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def test_random_resized_crop_boxes_follow_scale_ratio_and_torchvision_statistics():
+  scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
+  count = 4000
+  u = tf.random.stateless_uniform([count, augment_tf.NUM_UNIFORMS], seed=[1, 2])
+  rng = np.random.default_rng(0)
+  for height, width in ((32, 32), (60, 100)):
+    top, left, crop_h, crop_w = (t.numpy() for t in augment_tf.rrc_boxes(u, height, width,
+                                                                          scale, ratio))
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + crop_h <= height).all() and (left + crop_w <= width).all()
+    area = crop_h * crop_w / (height * width)
+    # Rounding each side to whole pixels moves the area by < (h + w + 1) / (H W).
+    slack = (crop_h + crop_w + 1) / (height * width)
+    assert (area >= scale[0] - slack).all() and (area <= scale[1] + slack).all()
+    aspect = crop_w / crop_h
+    assert (aspect >= ratio[0] * (1 - 1.0 / crop_h) - 1e-6).all()
+    assert (aspect <= ratio[1] * (1 + 1.0 / crop_h) + 1e-6).all()
+    assert top.min() == 0 and (top + crop_h).max() == height  # positions cover the image
+    # Same distribution as torchvision's sampler (means within a few standard errors).
+    reference = np.asarray([torchvision_rrc_params(rng, height, width, scale, ratio)
+                            for _ in range(count)])
+    reference_area = reference[:, 2] * reference[:, 3] / (height * width)
+    assert abs(area.mean() - reference_area.mean()) < 0.015
+    assert abs(area.std() - reference_area.std()) < 0.015
+    assert abs(np.mean(top / np.maximum(height - crop_h, 1)) -
+               np.mean(reference[:, 0] / np.maximum(height - reference[:, 2], 1))) < 0.03
+  # No attempt can fit -> torchvision's fallback: the whole image (aspect within the ratio).
+  boxes = augment_tf.rrc_boxes(u[:5], 32, 32, (2.0, 3.0), ratio)
+  np.testing.assert_array_equal(np.stack([b.numpy() for b in boxes], 1), [[0, 0, 32, 32]] * 5)
+  boxes = augment_tf.rrc_boxes(u[:1], 20, 60, (2.0, 3.0), ratio)  # too wide: 20 x round(20 4/3)
+  assert [int(b.numpy()[0]) for b in boxes] == list(torchvision_rrc_params(
+      np.random.default_rng(0), 20, 60, (2.0, 3.0), ratio))
+
+
+def test_flip_grayscale_solarize_normalize_match_numpy_pil():
+  rng = np.random.default_rng(2)
+  images_u8 = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+  images = images_u8.astype(np.float32) / 255.0
+  flip = np.array([True, False, True, False])
+  got = np.asarray(augment_jax.flip_left_right(jnp.asarray(images), jnp.asarray(flip)))
+  np.testing.assert_array_equal(got[flip], images[flip][:, :, ::-1])
+  np.testing.assert_array_equal(got[~flip], images[~flip])
+
+  gray = np.asarray(augment_jax.grayscale(jnp.asarray(images)))
+  pil_gray = np.stack([np.asarray(Image.fromarray(im).convert('L')) for im in images_u8])
+  np.testing.assert_allclose(gray[..., 0], pil_gray / 255.0, atol=1.0 / 255)
+  assert (gray[..., 0] == gray[..., 2]).all()
+
+  solarized = np.asarray(augment_jax.solarize(jnp.asarray(images), 0.5))
+  np.testing.assert_array_equal(solarized, np.where(images < 0.5, images, 1.0 - images))
+
+  normalized = np.asarray(augment_jax.normalize(jnp.asarray(images), MEAN, STD))
+  np.testing.assert_allclose(normalized, (images - MEAN) / STD, rtol=1e-6, atol=1e-6)
+
+
+def test_brightness_contrast_saturation_match_pil_enhance():
+  rng = np.random.default_rng(3)
+  images_u8 = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+  images = jnp.asarray(images_u8.astype(np.float32) / 255.0)
+  factors = np.array([0.6, 1.0, 1.4], np.float32)
+  for op, enhancer in ((augment_jax.adjust_brightness, ImageEnhance.Brightness),
+                       (augment_jax.adjust_contrast, ImageEnhance.Contrast),
+                       (augment_jax.adjust_saturation, ImageEnhance.Color)):
+    got = np.asarray(op(images, jnp.asarray(factors)))
+    for i, factor in enumerate(factors):
+      expected = np.asarray(enhancer(Image.fromarray(images_u8[i])).enhance(float(factor)))
+      # PIL works in uint8 (rounded gray / mean): within 2 levels.
+      np.testing.assert_allclose(got[i], expected / 255.0, atol=2.0 / 255, err_msg=op.__name__)
+
+
+def test_hue_matches_colorsys():
+  rng = np.random.default_rng(4)
+  images = rng.random((2, 5, 5, 3)).astype(np.float32)
+  images[0, 0, 0] = (0.3, 0.3, 0.3)  # gray: hue undefined, must stay gray
+  deltas = np.array([0.1, -0.37], np.float32)
+  got = np.asarray(jax.jit(augment_jax.adjust_hue)(jnp.asarray(images), jnp.asarray(deltas)))
+  for n in range(2):
+    for y in range(5):
+      for x in range(5):
+        h, s, v = colorsys.rgb_to_hsv(*images[n, y, x])
+        expected = colorsys.hsv_to_rgb((h + deltas[n]) % 1.0, s, v)
+        np.testing.assert_allclose(got[n, y, x], expected, atol=1e-5)
+
+
+def test_color_jitter_applies_the_four_ops_in_the_drawn_order():
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.random((2, 6, 6, 3)).astype(np.float32))
+  u = np.zeros((2, augment_tf.NUM_UNIFORMS), np.float32)
+  u[:, augment_tf.U_JITTER_FACTORS] = [[0.9, 0.1, 0.8, 0.95], [0.2, 0.7, 0.1, 0.05]]
+  u[0, augment_tf.U_JITTER_ORDER] = [0.4, 0.1, 0.3, 0.2]  # order: contrast, hue, saturation, bri.
+  u[1, augment_tf.U_JITTER_ORDER] = [0.1, 0.2, 0.3, 0.4]  # order: brightness, contrast, sat., hue
+  jitter = jax.jit(augment_jax.color_jitter, static_argnums=(2, 3, 4, 5))
+  got = np.asarray(jitter(images, jnp.asarray(u), 0.4, 0.4, 0.4, 0.1))
+  b, c, s, h = augment_jax.jitter_factors(jnp.asarray(u), 0.4, 0.4, 0.4, 0.1)
+  ops = {'b': lambda x, i: jax.jit(augment_jax.adjust_brightness)(x, b[i:i + 1]),
+         'c': lambda x, i: jax.jit(augment_jax.adjust_contrast)(x, c[i:i + 1]),
+         's': lambda x, i: jax.jit(augment_jax.adjust_saturation)(x, s[i:i + 1]),
+         'h': lambda x, i: jax.jit(augment_jax.adjust_hue)(x, h[i:i + 1])}
+  for i, order in enumerate(('chsb', 'bcsh')):
+    expected = images[i:i + 1]
+    for name in order:
+      expected = ops[name](expected, i)
+    np.testing.assert_allclose(got[i], np.asarray(expected)[0], atol=1e-6)
+  # Factors follow torchvision: brightness in [0.6, 1.4], hue in [-0.1, 0.1].
+  np.testing.assert_allclose(np.asarray(b), [0.6 + 0.8 * 0.9, 0.6 + 0.8 * 0.2], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(h), [-0.1 + 0.2 * 0.95, -0.1 + 0.2 * 0.05], rtol=1e-5)
+
+
+def test_gaussian_blur_matches_scipy_reflect():
+  rng = np.random.default_rng(6)
+  images = rng.random((2, 16, 16, 3)).astype(np.float32)
+  sigmas = np.array([0.7, 1.9], np.float32)
+  blur = jax.jit(augment_jax.gaussian_blur, static_argnums=2)
+  got = np.asarray(blur(jnp.asarray(images), jnp.asarray(sigmas), 2.0))
+  radius = augment_jax.blur_radius(2.0, 16)
+  for n, sigma in enumerate(sigmas):
+    # scipy's 'mirror' is reflection without repeating the edge pixel (torch / tf 'reflect').
+    expected = scipy.ndimage.gaussian_filter(images[n], sigma=(sigma, sigma, 0), mode='mirror',
+                                             truncate=radius / sigma)
+    np.testing.assert_allclose(got[n], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines: shapes, views, determinism, resume, shards.
+
+
+def test_train_batches_carry_one_view_per_recipe(data_dir):
+  # View 0 uses the eval recipe at native size (the identity crop), view 1 the mae recipe.
+  cfg = digits_config(data_dir, views=['eval', 'mae'], img_size=8, eval_crop_fraction=1.0,
+                      normalize='none')
+  train = data.build_train_pipeline(cfg, global_batch_size=32, seed=0, process_index=0,
+                                    process_count=1)
+  assert (train.steps_per_epoch, train.num_views) == (1438 // 32, 2)
+  batch = next(train)
+  assert batch['images'].shape == (32, 2, 8, 8, 3) and batch['images'].dtype == np.float32
+  assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
+  images, labels = digits_arrays()
+  stored = {(image.tobytes(), int(label)) for image, label in zip(images[:1438], labels[:1438])}
+  identity_views = np.round(batch['images'][:, 0] * 255).astype(np.uint8)
+  assert all((view.tobytes(), int(label)) in stored
+             for view, label in zip(identity_views, batch['label']))
+  random_views = np.round(batch['images'][:, 1] * 255).astype(np.uint8)
+  assert sum(view.tobytes() not in {v.tobytes() for v in identity_views}
+             for view in random_views) > 24  # cropped / flipped: mostly not the stored image
+
+
+def test_same_seed_same_batches_and_resume_across_epoch_boundary(data_dir):
+  cfg = digits_config(data_dir, views=['simclr'])
+  build = lambda seed, start: data.build_train_pipeline(
+      cfg, global_batch_size=256, seed=seed, start_step=start, process_index=0, process_count=1)
+  steps = build(0, 0).steps_per_epoch  # 5
+  uninterrupted = take(build(0, 0), steps + 3)
+  assert_batches_equal(take(build(0, 0), 2), uninterrupted[:2])
+  resumed = build(0, steps - 1)
+  assert_batches_equal(take(resumed, 4), uninterrupted[steps - 1:steps + 3])
+  assert resumed.step == steps + 3
+  other_seed = next(build(1, 0))
+  assert not np.array_equal(other_seed['label'], uninterrupted[0]['label'])
+  # Each epoch visits distinct examples, in a new order: epoch 1 differs from epoch 0.
+  assert not np.array_equal(uninterrupted[steps]['images'], uninterrupted[0]['images'])
+
+
+def test_process_shards_are_disjoint_complete_and_assemble_the_global_batch(tmp_path):
+  root = tmp_path / 'ids'
+  write_folder(str(root), {'train': {'a': 20, 'b': 20}})
+  cfg = digits_config(str(tmp_path / 'cache'), source=f'folder:{root}', img_size=8,
+                      normalize='none')
+  global_batch = 8
+
+  def local_batches(index, count):
+    train = data.build_train_pipeline(cfg, global_batch_size=global_batch, seed=3,
+                                      process_index=index, process_count=count)
+    return take(train, train.steps_per_epoch)
+
+  single = local_batches(0, 1)
+  single_ids = [example_ids(b['images']) for b in single]
+  assert sorted(np.concatenate(single_ids)) == list(range(40))  # one epoch, every example once
+  for count in (2, 4):
+    per_process = [local_batches(index, count) for index in range(count)]
+    ids = [np.concatenate([example_ids(b['images']) for b in batches])
+           for batches in per_process]
+    assert all(len(part) == 40 // count for part in ids)  # equal size
+    assert sorted(np.concatenate(ids)) == list(range(40))  # disjoint and complete
+    for step in range(len(single)):  # local batches in process order == the global batch
+      assembled = np.concatenate([batches[step]['images'] for batches in per_process])
+      np.testing.assert_array_equal(assembled, single[step]['images'])
+
+
+def test_views_do_not_depend_on_process_count(data_dir):
+  # Pre-batches (uint8 images, crop specs, uniforms) fully determine the views.
+  cfg = digits_config(data_dir, views=['simclr', 'simclr'], augment_on_device=True)
+  whole = next(data.build_train_pipeline(cfg, global_batch_size=64, seed=5, process_index=0,
+                                         process_count=1))
+  halves = [next(data.build_train_pipeline(cfg, global_batch_size=64, seed=5, process_index=i,
+                                           process_count=2)) for i in range(2)]
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+
+
+def test_device_augmentation_equals_host_augmentation(data_dir):
+  cfg = digits_config(data_dir, views=['simclr', 'simclr'])
+  host = next(data.build_train_pipeline(cfg, global_batch_size=64, seed=7, process_index=0,
+                                        process_count=1))
+  cfg.augment_on_device = True
+  train = data.build_train_pipeline(cfg, global_batch_size=64, seed=7, process_index=0,
+                                    process_count=1)
+  pre_batch = next(train)
+  assert pre_batch['raw'].dtype == np.uint8 and 'images' not in pre_batch
+  assert all(value.shape[0] == 64 for value in pre_batch.values())
+  device = jax.jit(train.finish_batch)(pre_batch)
+  np.testing.assert_allclose(np.asarray(device['images']), host['images'], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(device['label']), host['label'])
+  assert not np.allclose(host['images'][:, 0], host['images'][:, 1])  # two different views
+
+
+def test_streamed_tfds_split_is_deterministic_and_resumable(data_dir):
+  cfg = digits_config(data_dir, cache=False, shuffle_buffer=500)
+  build = lambda start, index=0, count=1: data.build_train_pipeline(
+      cfg, global_batch_size=200, seed=0, start_step=start, process_index=index,
+      process_count=count)
+  steps = build(0).steps_per_epoch  # 7
+  uninterrupted = take(build(0), steps + 2)
+  assert uninterrupted[0]['images'].shape == (200, 1, 16, 16, 3)
+  assert_batches_equal(take(build(steps - 1), 3), uninterrupted[steps - 1:])
+  # Per-process parts of the split are disjoint and equal: with the deterministic eval recipe
+  # at native size a view is the stored image, so it identifies the example.
+  cfg = digits_config(data_dir, cache=False, views=['eval'], img_size=8, eval_crop_fraction=1.0,
+                      normalize='none')
+  seen = []
+  for index in range(2):
+    train = data.build_train_pipeline(cfg, global_batch_size=200, seed=0, process_index=index,
+                                      process_count=2)
+    seen.append([np.round(image[0] * 255).astype(np.uint8).tobytes()
+                 for batch in take(train, train.steps_per_epoch) for image in batch['images']])
+  images, _ = digits_arrays()
+  copies = {}
+  for image in images[:1438]:
+    copies[image.tobytes()] = copies.get(image.tobytes(), 0) + 1
+  assert len(seen[0]) == len(seen[1]) == 7 * 100
+  assert all(key in copies for key in seen[0] + seen[1])
+  shared = set(seen[0]) & set(seen[1])
+  assert all(copies[key] > 1 for key in shared)  # only images stored twice can be on both
+
+
+def test_splits_over_the_cache_limit_are_streamed(data_dir):
+  small = data.build_train_pipeline(digits_config(data_dir), global_batch_size=8, seed=0,
+                                    process_index=0, process_count=1)
+  assert not isinstance(small.split_data, TfdsStreamSplit)
+  over = data.build_train_pipeline(digits_config(data_dir, cache_max_gb=1e-4),
+                                   global_batch_size=8, seed=0, process_index=0, process_count=1)
+  assert isinstance(over.split_data, TfdsStreamSplit)
+
+
+def test_eval_pipeline_is_one_padded_pass_split_over_processes(data_dir):
+  _, labels = digits_arrays()
+  test_labels = labels[1438:]  # 359 examples
+  for cache in (True, False):  # in memory, and streamed from the TFDS files
+    cfg = digits_config(data_dir, cache=cache)
+    per_process = [list(data.build_eval_pipeline(cfg, split='test', global_batch_size=64,
+                                                 process_index=index, process_count=2))
+                   for index in range(2)]
+    assert len(per_process[0]) == len(per_process[1])  # every process runs the same steps
+    valid_labels = []
+    for batches in per_process:
+      for batch in batches:
+        assert batch['images'].shape == (32, 1, 16, 16, 3) and batch['valid'].dtype == bool
+        valid_labels.append(batch['label'][batch['valid']])
+    valid_labels = np.concatenate(valid_labels)
+    assert len(valid_labels) == 359
+    np.testing.assert_array_equal(np.bincount(valid_labels, minlength=10),
+                                  np.bincount(test_labels, minlength=10))
+    again = list(data.build_eval_pipeline(cfg, split='test', global_batch_size=64,
+                                          process_index=0, process_count=2))
+    assert_batches_equal(again, per_process[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders.
+
+
+def test_folder_labels_from_sorted_class_names_same_in_every_split(tmp_path):
+  root = tmp_path / 'images'
+  write_folder(str(root), {'train': {'zebra': 3, 'ant': 2, 'moth': 2},
+                          'val': {'zebra': 2, 'moth': 1}}, fmt='jpg')
+  cfg = digits_config(str(tmp_path / 'cache'), source=f'folder:{root}', img_size=8,
+                      eval_split='val', normalize='none', eval_crop_fraction=1.0)
+  info = data.dataset_info(cfg)
+  assert info.class_names == ['ant', 'moth', 'zebra'] and info.num_classes == 3
+  assert (info.num_examples('train'), info.num_examples('val')) == (7, 3)
+  batch = next(iter(data.build_eval_pipeline(cfg, split='val', global_batch_size=4,
+                                             process_index=0, process_count=1)))
+  np.testing.assert_array_equal(batch['label'][:3], [1, 2, 2])  # moth, zebra, zebra
+  np.testing.assert_array_equal(batch['valid'], [True, True, True, False])  # + padding
+  train = data.build_train_pipeline(cfg, global_batch_size=7, seed=0, process_index=0,
+                                    process_count=1)
+  assert sorted(next(train)['label']) == [0, 0, 1, 1, 2, 2, 2]
+  info = data.dataset_info(digits_config(str(tmp_path / 'cache'), source=f'folder:{root}',
+                                         train_split='train[:50%]', eval_split='train[50%:]'))
+  assert (info.num_examples('train[:50%]'), info.num_examples('train[50%:]')) == (4, 3)
+
+
+def test_folder_is_prepared_once_and_reprepared_when_files_change(tmp_path):
+  root = tmp_path / 'images'
+  write_folder(str(root), {'train': {'a': 4, 'b': 4}})
+  cache_root = tmp_path / 'cache'
+  cfg = digits_config(str(cache_root), source=f'folder:{root}', img_size=8)
+  data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+  caches = list((cache_root / 'sjmae_folder_cache').iterdir())
+  assert len(caches) == 1 and (caches[0] / 'images.npy').exists()
+  stamp = os.path.getmtime(caches[0] / 'meta.json')
+  data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+  assert os.path.getmtime(caches[0] / 'meta.json') == stamp
+  write_folder(str(tmp_path / 'more'), {'train': {'b': 1}})
+  os.replace(tmp_path / 'more' / 'train' / 'b' / '000.png', root / 'train' / 'b' / 'new.png')
+  train = data.build_train_pipeline(cfg, global_batch_size=9, seed=0, process_index=0,
+                                    process_count=1)
+  assert train.num_examples == 9
+  assert len(list((cache_root / 'sjmae_folder_cache').iterdir())) == 2
+
+
+def test_folder_of_mixed_sizes_and_uncached_files_decode_every_step(tmp_path):
+  root = tmp_path / 'mixed'
+  write_folder(str(root), {'train': {'a': 3}}, size=(10, 14))
+  write_folder(str(tmp_path / 'other'), {'train': {'b': 3}}, size=(20, 12))
+  os.replace(tmp_path / 'other' / 'train' / 'b', root / 'train' / 'b')
+  cfg = digits_config(str(tmp_path / 'cache'), source=f'folder:{root}', img_size=8,
+                      views=['simclr', 'mae'])
+  train = data.build_train_pipeline(cfg, global_batch_size=6, seed=0, process_index=0,
+                                    process_count=1)
+  assert isinstance(train.split_data, FileSplit)  # not one size: decoded every step
+  batches = take(train, 3)
+  assert batches[0]['images'].shape == (6, 2, 8, 8, 3)
+  resumed = data.build_train_pipeline(cfg, global_batch_size=6, seed=0, start_step=2,
+                                      process_index=0, process_count=1)
+  assert_batches_equal([next(resumed)], batches[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line each, raised when the pipeline is built.
+
+
+def one_line_error(function, *args, **kwargs):
+  with pytest.raises(data.DataError) as error:
+    function(*args, **kwargs)
+  message = str(error.value)
+  assert '\n' not in message
+  return message
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+  root = tmp_path / 'images'
+  write_folder(str(root), {'train': {'a': 4, 'b': 4}})
+  bad = root / 'train' / 'b' / 'broken.png'
+  bad.write_bytes(b'\x89PNG\r\n\x1a\n this is not an image')
+  cfg = digits_config(str(tmp_path / 'cache'), source=f'folder:{root}', img_size=8)
+  message = one_line_error(data.build_train_pipeline, cfg, global_batch_size=4, seed=0,
+                           process_index=0, process_count=1)
+  assert str(bad) in message and 'skip_corrupt' in message
+  cfg.skip_corrupt = True
+  with caplog.at_level(logging.WARNING):
+    train = data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                      process_count=1)
+  assert train.num_examples == 8
+  assert 'skipped 1 undecodable' in caplog.text and str(bad) in caplog.text
+  assert next(train)['images'].shape == (4, 1, 8, 8, 3)
+
+
+def test_bad_folders_fail_with_one_line(tmp_path):
+  cache = str(tmp_path / 'cache')
+  build = lambda root, split='train': data.build_train_pipeline(
+      digits_config(cache, source=f'folder:{root}', train_split=split), global_batch_size=2,
+      seed=0, process_index=0, process_count=1)
+  missing = tmp_path / 'nowhere'
+  assert str(missing) in one_line_error(build, missing)
+
+  root = tmp_path / 'images'
+  write_folder(str(root), {'train': {'a': 2}})
+  (root / 'train' / 'empty_class').mkdir()
+  (root / 'train' / 'empty_class' / 'notes.txt').write_text('not an image')
+  message = one_line_error(build, root)
+  assert 'empty class folder' in message and 'empty_class' in message
+
+  (root / 'test').mkdir()  # a split folder without any class folder / image
+  assert 'no class folders' in one_line_error(build, root, 'test')
+  assert 'does not exist' in one_line_error(build, root, 'validation')
+
+  ok_root = tmp_path / 'ok'
+  write_folder(str(ok_root), {'train': {'a': 2}})
+  assert 'no images' in one_line_error(build, ok_root, 'train[:0]')
+
+
+def test_bad_tfds_and_config_values_fail_with_one_line(tmp_path, data_dir):
+  cfg = digits_config(str(tmp_path), source='tfds:no_such_dataset_xyz')
+  assert "unknown TFDS dataset 'no_such_dataset_xyz'" in one_line_error(data.dataset_info, cfg)
+  cfg = digits_config(str(tmp_path), source='tfds:cifar10')  # known, but not prepared there
+  message = one_line_error(data.build_train_pipeline, cfg, global_batch_size=8, seed=0,
+                           process_index=0, process_count=1)
+  assert 'not prepared' in message and str(tmp_path) in message
+  assert not list(tmp_path.glob('downloads'))  # nothing was fetched
+
+  cfg = digits_config(data_dir, train_split='validation')
+  assert "'validation'" in one_line_error(data.dataset_info, cfg)
+  cfg = digits_config(data_dir, views=['mae', 'nope'])
+  assert "'nope'" in one_line_error(data.build_train_pipeline, cfg, global_batch_size=8,
+                                    seed=0, process_index=0, process_count=1)
+  cfg = digits_config(data_dir)
+  cfg.recipes.partial = {'crop': 'center'}
+  cfg.views = ['partial']
+  assert 'lacks' in one_line_error(data.build_train_pipeline, cfg, global_batch_size=8, seed=0,
+                                   process_index=0, process_count=1)
+  cfg = digits_config(data_dir, source='s3://bucket')
+  assert 's3://bucket' in one_line_error(data.dataset_info, cfg)
+  cfg = digits_config(data_dir)
+  assert 'process_count' in one_line_error(data.build_train_pipeline, cfg,
+                                           global_batch_size=10, seed=0, process_index=0,
+                                           process_count=4)
+  assert 'fewer than global_batch_size' in one_line_error(
+      data.build_train_pipeline, cfg, global_batch_size=4096, seed=0, process_index=0,
+      process_count=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real CIFAR-10 folder, when present.
+
+CIFAR10_DIR = os.environ.get(
+    'SJMAE_CIFAR10_DIR',
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared',
+                 'data', 'cifar10'))
+
+
+@pytest.mark.skipif(not os.path.isdir(CIFAR10_DIR), reason='CIFAR-10 folder not present')
+def test_real_cifar10_folder_metadata():
+  cfg = data.default_config()
+  cfg.source = f'folder:{CIFAR10_DIR}'
+  info = data.dataset_info(cfg)
+  assert info.num_classes == 10 and info.class_names[0] == 'airplane'
+  assert (info.num_examples('train'), info.num_examples('test')) == (50_000, 10_000)
