@@ -163,3 +163,21 @@ def test_init_from_a_timm_safetensors_file_sets_the_encoder(tmp_path):
   wider = trainer.init_state(trainer.build_model(config), tx, config, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="init_from.*shape"):
     trainer.initialise_encoder_from(wider, config, sharding.tree_shardings(wider, mesh, config.sharding.rules))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config("sjmae", compute_dtype=dtype)
+    mesh = sharding.make_mesh(config.mesh)
+    model = trainer.build_model(config)
+    tx, schedule = optim.make_optimizer(config, 10)
+    state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+    batch = next(iter(data.build_train_pipeline(config.data, global_batch_size=32, seed=0)))
+    new_state, metrics = jax.jit(trainer.make_train_step(model, tx, schedule, mesh))(state, batch)
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(new_state["params"])}
+    assert dtypes == {np.dtype("float32")}, dtypes
+    assert metrics["loss"].dtype == np.float32
+    losses[dtype] = float(metrics["loss"])
+  assert np.isfinite(losses["bfloat16"])
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
