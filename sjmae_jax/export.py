@@ -11,12 +11,13 @@
   works without other code.
 --format mae: encoder + decoder with facebookresearch/mae MaskedAutoencoderViT key names; FILE.json
   holds {"format": "mae", "mae_model": <models_mae factory name or null>, "mae_kwargs": {...}}.
-Writing needs no torch.
+Writing needs no torch. --workdir and --out may be gs:// paths.
 """
 import argparse
-import os
 import sys
 from collections.abc import Mapping
+
+from etils import epath
 
 from sjmae_jax.interop import mae as mae_interop
 from sjmae_jax.interop import timm as timm_interop
@@ -53,9 +54,7 @@ def export_params(params: Mapping, out_path, *, num_heads: int, export_format: s
     info = {"format": "mae", "mae_model": name, "mae_kwargs": kwargs}
   else:
     raise ValueError(f"unknown export format {export_format!r}; expected 'timm' or 'mae'")
-  out_dir = os.path.dirname(os.fspath(out_path))
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_path).parent.mkdir(parents=True, exist_ok=True)
   save_state_dict(state_dict, out_path, info=info)
   return info
 

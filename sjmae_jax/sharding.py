@@ -17,19 +17,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_config) -> Mesh:
-  """mesh_config.data / .fsdp: axis sizes; -1 (at most one) takes the remaining devices."""
-  n = jax.device_count()
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) axis sizes for `num_devices`; -1 (at most one) takes the remaining devices."""
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
     raise ValueError("config mesh: only one of data/fsdp may be -1")
   if data == -1:
-    data = n // fsdp
+    data = num_devices // fsdp
   if fsdp == -1:
-    fsdp = n // data
-  if data * fsdp != n or data < 1 or fsdp < 1:
+    fsdp = num_devices // data
+  if data * fsdp != num_devices or data < 1 or fsdp < 1:
     raise ValueError(f"config mesh: data={mesh_config.data} x fsdp={mesh_config.fsdp} does not "
-                     f"match the {n} available devices")
+                     f"match the {num_devices} available devices")
+  return data, fsdp
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """mesh_config.data / .fsdp: axis sizes; -1 (at most one) takes the remaining devices."""
+  data, fsdp = mesh_shape(mesh_config, jax.device_count())
   devices = mesh_utils.create_device_mesh((data, fsdp), allow_split_physical_axes=True)
   return Mesh(devices, DATA_AXES)
 
@@ -67,20 +72,29 @@ def _spec_for(shape, strategy: str, fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def tree_shardings(abstract_tree, mesh: Mesh, rules: Sequence, min_size: int = 2 ** 14):
-  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
-  fsdp_size = mesh.shape["fsdp"]
+def partition_specs(abstract_tree, fsdp_size: int, rules: Sequence, min_size: int = 2 ** 14):
+  """PartitionSpec of every leaf of `abstract_tree` for an fsdp axis of `fsdp_size` devices.
+
+  Pure: needs no mesh and no devices (sjmae_jax.plan uses it to size meshes it does not have).
+  """
   compiled = [(re.compile(pattern), strategy) for pattern, strategy in rules]
 
-  def leaf_sharding(path, leaf):
+  def leaf_spec(path, leaf):
     name = path_str(path)
     shape = getattr(leaf, "shape", ())
     for pattern, strategy in compiled:
       if pattern.fullmatch(name):
-        return NamedSharding(mesh, _spec_for(shape, strategy, fsdp_size, min_size))
-    return NamedSharding(mesh, P())
+        return _spec_for(shape, strategy, fsdp_size, min_size)
+    return P()
 
-  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+  return jax.tree_util.tree_map_with_path(leaf_spec, abstract_tree)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules: Sequence, min_size: int = 2 ** 14):
+  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+  specs = partition_specs(abstract_tree, mesh.shape["fsdp"], rules, min_size)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -44,3 +44,47 @@ def run_train(workdir, config_name="mae", overrides=None, devices=1, env=None, t
   if popen:
     return subprocess.Popen(args, env=full_env, cwd=REPO, **popen)
   return subprocess.run(args, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(workdir, log_dir, config_name="mae", overrides=None, devices=1, env=None, **popen):
+  """train.py in the background (see run_train), stdout and stderr going to log_dir/stdout.txt and
+  log_dir/stderr.txt so that a test can poll them (no pipe to fill up)."""
+  log_dir = Path(log_dir)
+  log_dir.mkdir(parents=True, exist_ok=True)
+  stdout = open(log_dir / "stdout.txt", "w")
+  stderr = open(log_dir / "stderr.txt", "w")
+  process = run_train(workdir, config_name, overrides, devices, env, stdout=stdout, stderr=stderr,
+                      **popen)
+  process.stdout_path, process.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+  stdout.close()  # the child holds its own copies
+  stderr.close()
+  return process
+
+
+def wait_until(condition, process=None, timeout=600, poll_seconds=0.02, what="condition"):
+  """Polls `condition()` until it returns something truthy, which is returned. Fails when
+  `process` ends first or after `timeout` seconds (generous: the machine may be slow and loaded)."""
+  import time
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    result = condition()
+    if result:
+      return result
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f"process ended (exit {process.returncode}) before {what}")
+    time.sleep(poll_seconds)
+  raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def train_command(workdir, config="mae", overrides=None):
+  """The argv run_train runs; `config` may carry an arg ('sjmae:model=vit_tiny')."""
+  name, _, arg = config.partition(":")
+  config_arg = f"{REPO / 'configs' / name}.py" + (f":{arg}" if arg else "")
+  args = [sys.executable, str(REPO / "train.py"), f"--config={config_arg}", f"--workdir={workdir}"]
+  return args + [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, **(overrides or {})}.items()]
+
+
+def train_env(devices=1, env=None):
+  """The environment run_train runs train.py in (CPU, `devices` forced devices)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjmae_jax.data import augment_tf as spec
+from sjmae_jax.data import randaugment, random_erasing
+from sjmae_jax.data.sources import DataError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL / torchvision rgb_to_grayscale
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes for pixel resampling on GPUs
@@ -233,9 +235,17 @@ def finish_views(batch, recipes, size, normalization):
     else:
       images = batch['crops'][:, members_array].reshape(-1, size, size, 3)
       images = images.astype(jnp.float32) / 255.0
-    images = photometric(images, uniforms.reshape(-1, spec.NUM_UNIFORMS), recipe)
+    flat_uniforms = uniforms.reshape(-1, spec.NUM_UNIFORMS)
+    images = photometric(images, flat_uniforms, recipe)
+    if recipe.get('randaugment'):
+      fill = normalization[0] if normalization is not None else (0.5, 0.5, 0.5)
+      images = randaugment.rand_augment(images, flat_uniforms,
+                                        randaugment.parse(recipe.randaugment), fill,
+                                        recipe.interpolation)
     if normalization is not None:
       images = normalize(images, *normalization)
+    if recipe.get('random_erase_prob', 0.0) > 0:
+      images = random_erasing.random_erase(images, flat_uniforms, recipe.random_erase_prob)
     images = images.reshape(batch_size, len(members), size, size, 3)
     for position, view in enumerate(members):
       views[view] = images[:, position]
@@ -247,5 +257,11 @@ def finish_views(batch, recipes, size, normalization):
 
 def make_finish_fn(recipes, size, normalization):
   """A pure function pre-batch -> batch (jit it; recipes and sizes are baked in)."""
+  for recipe in recipes:  # fail on bad fine-tuning options now, not at the first batch
+    if recipe.get('randaugment'):
+      randaugment.parse(recipe.randaugment)
+    if not 0.0 <= recipe.get('random_erase_prob', 0.0) <= 1.0:
+      raise DataError(f'data recipe random_erase_prob={recipe.random_erase_prob!r} is not a '
+                      'probability')
   return functools.partial(finish_views, recipes=tuple(recipes), size=size,
                            normalization=normalization)

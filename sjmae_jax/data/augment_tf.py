@@ -30,7 +30,20 @@ U_GRAY_GATE = 32
 U_BLUR_GATE = 33
 U_BLUR_SIGMA = 34
 U_SOLARIZE_GATE = 35
-NUM_UNIFORMS = 36
+NUM_BASE_UNIFORMS = 36
+# Fine-tuning recipes (randaugment.py, random_erasing.py) read a second block, drawn from its own
+# key so that adding it left the values of the block above unchanged.
+RA_MAX_LAYERS = 4
+U_RA_OP = 36  # RandAugment: RA_MAX_LAYERS columns each, one per layer
+U_RA_GATE = 40
+U_RA_MAGNITUDE = 44
+U_RA_SIGN = 48
+U_ERASE_GATE = 52
+U_ERASE_AREA = slice(53, 63)  # up to 10 attempts (timm)
+U_ERASE_LOG_RATIO = slice(63, 73)
+U_ERASE_TOP, U_ERASE_LEFT = 73, 74
+U_ERASE_SEED = 75  # its bits seed the per-pixel noise
+NUM_UNIFORMS = 76
 
 # Crop spec columns: rows (y) then columns (x).
 CROP_SPEC_SIZE = 8
@@ -38,7 +51,11 @@ CROP_SPEC_SIZE = 8
 
 def draw_uniforms(key, shape):
   """Uniforms of shape (*shape, NUM_UNIFORMS) from a stateless int64 [2] key."""
-  return tf.random.stateless_uniform([*shape, NUM_UNIFORMS], seed=key, dtype=tf.float32)
+  base = tf.random.stateless_uniform([*shape, NUM_BASE_UNIFORMS], seed=key, dtype=tf.float32)
+  extra_key = tf.random.experimental.stateless_fold_in(key, tf.constant(1, tf.int64))
+  extra = tf.random.stateless_uniform([*shape, NUM_UNIFORMS - NUM_BASE_UNIFORMS], seed=extra_key,
+                                      dtype=tf.float32)
+  return tf.concat([base, extra], axis=-1)
 
 
 def decode_image(data):

@@ -32,6 +32,10 @@ def _recipe(**overrides):
       blur_sigma=(0.1, 2.0),  # in pixels of the output image
       solarize_prob=0.0,
       solarize_threshold=0.5,  # on the [0, 1] scale (128 / 255 ~ 0.5)
+      # Fine-tuning options (timm semantics): RandAugment config string, '' = off (see
+      # randaugment.py), and the probability of random erasing, 'pixel' mode (random_erasing.py).
+      randaugment='',
+      random_erase_prob=0.0,
   )
   recipe.update(overrides)
   return recipe
@@ -59,6 +63,9 @@ def default_config():
       # SJ-MAE / CAN two-view recipe (SimCLR augmentations).
       simclr=_recipe(jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
       eval=_recipe(crop='center', flip_prob=0.0),
+      # MAE / timm supervised fine-tuning: RRC(0.08-1, bicubic) + flip + RandAugment + erasing.
+      finetune=_recipe(rrc_scale=(0.08, 1.0), randaugment='rand-m9-mstd0.5-inc1',
+                       random_erase_prob=0.25),
   ))
   cfg.eval_recipe = 'eval'
   # Eval: resize the shorter side to img_size / eval_crop_fraction, then center crop img_size.

@@ -11,6 +11,7 @@ Every bad-input case raises `DataError` with a one-line message, before anything
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import threading
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from sjmae_jax.data.digits import DIGITS_NAME, SjmaeDigits
 
@@ -43,7 +45,7 @@ class ArraySplit:
 
 @dataclasses.dataclass
 class FileSplit:
-  files: list  # paths, decoded with tf.io.decode_image every time they are read
+  files: list  # path strings (local or gs://), decoded with tf.io.decode_image every read
   labels: np.ndarray  # int32 [N]
 
   @property
@@ -192,7 +194,7 @@ def as_rgb(images):
 
 
 def _tfds_source(cfg, name):
-  data_dir = os.path.expanduser(cfg.data_dir)
+  data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
   description = f'TFDS dataset {name!r}'
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -210,7 +212,7 @@ def _tfds_source(cfg, name):
 
 
 def _digits_source(cfg):
-  data_dir = os.path.expanduser(cfg.data_dir)
+  data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
   builder = SjmaeDigits(data_dir=data_dir)
   if not builder.is_prepared():
     log.info('Preparing the embedded digits dataset under %s', data_dir)
@@ -220,18 +222,42 @@ def _digits_source(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# ImageFolder: ROOT/<split>/<class>/<image>.
+# ImageFolder: ROOT/<split>/<class>/<image>. Every path goes through etils.epath, so ROOT and
+# data.data_dir (where the prepared cache is kept) may be gs:// as well as local.
+
+
+def _is_uri(path):
+  return '://' in os.fspath(path)
+
+
+def _absolute(path):
+  """Local paths made absolute (they name the cache); URIs such as gs://b/x are kept as they are."""
+  path = epath.Path(path).expanduser()
+  return path if _is_uri(path) else path.resolve()
+
+
+def _file_signature(path):
+  """Size and modification time of a file, to notice that it changed.
+
+  Local files: os.stat (epath's stat rounds the time to seconds and looks up the owner's name,
+  ~100x slower). gs:// and other URIs: epath's stat, one request each.
+  """
+  if _is_uri(path):
+    stat = epath.Path(path).stat()
+    return f'{stat.length}\0{stat.mtime}'
+  stat = os.stat(path)
+  return f'{stat.st_size}\0{stat.st_mtime_ns}'
 
 
 class FolderSource:
 
   def __init__(self, cfg, root):
-    self.root = os.path.abspath(os.path.expanduser(root))
+    self.root = _absolute(root)
     self.description = f'image folder {self.root}'
-    self.data_dir = os.path.expanduser(cfg.data_dir)
+    self.data_dir = epath.Path(cfg.data_dir).expanduser()
     self.skip_corrupt = bool(cfg.skip_corrupt)
     self.cache_max_bytes = cfg.cache_max_gb * 2**30
-    if not os.path.isdir(self.root):
+    if not self.root.is_dir():
       raise DataError(f'image folder does not exist: {self.root} (data.source=folder:{root})')
     split_dirs = _subdirectories(self.root)
     if not split_dirs:
@@ -242,8 +268,7 @@ class FolderSource:
     # means the same label in every split even when a split lacks some classes.
     class_names = set()
     for split in split_dirs:
-      split_dir = os.path.join(self.root, split)
-      class_names.update(_subdirectories(split_dir))
+      class_names.update(_subdirectories(self.root / split))
     self.class_names = sorted(class_names)
     self.num_classes = len(self.class_names)
     if not self.class_names:
@@ -257,8 +282,8 @@ class FolderSource:
     """Sorted (files, labels) of one named split folder; errors on empty classes / splits."""
     if split in self._listing:
       return self._listing[split]
-    split_dir = os.path.join(self.root, split)
-    if not os.path.isdir(split_dir):
+    split_dir = self.root / split
+    if not split_dir.is_dir():
       raise DataError(f'split folder does not exist: {split_dir} '
                       f'(splits found: {", ".join(self.split_names)})')
     files, labels = [], []
@@ -266,13 +291,13 @@ class FolderSource:
     if not class_dirs:
       raise DataError(f'split folder has no class folders: {split_dir}')
     for class_name in class_dirs:
-      class_dir = os.path.join(split_dir, class_name)
-      images = sorted(name for name in os.listdir(class_dir)
-                      if name.lower().endswith(IMAGE_EXTENSIONS))
+      class_dir = split_dir / class_name
+      images = sorted(entry.name for entry in class_dir.iterdir()
+                      if entry.name.lower().endswith(IMAGE_EXTENSIONS))
       if not images:
         raise DataError(f'empty class folder (no {"/".join(IMAGE_EXTENSIONS)} files): '
                         f'{class_dir}')
-      files.extend(os.path.join(class_dir, name) for name in images)
+      files.extend(os.fspath(class_dir / name) for name in images)
       labels.extend([self.class_names.index(class_name)] * len(images))
     self._listing[split] = (files, np.asarray(labels, np.int32))
     return self._listing[split]
@@ -318,13 +343,12 @@ class FolderSource:
       return self._prepared[key]
     files, labels = self.list_split(split)
     cache_dir = self._cache_dir(split, files)
-    meta_path = os.path.join(cache_dir, 'meta.json')
-    images_path = os.path.join(cache_dir, 'images.npy')
-    if not os.path.exists(meta_path) or (cache and self._is_fixed(meta_path)
-                                          and not os.path.exists(images_path)):
+    meta_path = cache_dir / 'meta.json'
+    images_path = cache_dir / 'images.npy'
+    if not meta_path.exists() or (cache and self._is_fixed(meta_path)
+                                  and not images_path.exists()):
       self._decode_and_store(split, files, labels, cache_dir, keep_arrays=cache)
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     if meta['skipped']:
       log.warning('%s split %r: skipped %d undecodable image(s) (data.skip_corrupt=True), '
                   'e.g. %s', self.description, split, len(meta['skipped']), meta['skipped'][0])
@@ -332,7 +356,8 @@ class FolderSource:
     kept = np.asarray([index for index in range(len(files)) if files[index] not in skipped],
                       np.int64)
     if cache and meta['fixed_shape'] is not None:
-      result = ArraySplit(np.load(images_path), labels[kept])
+      with images_path.open('rb') as f:
+        result = ArraySplit(np.load(f), labels[kept])
     else:
       result = FileSplit([files[index] for index in kept], labels[kept])
     self.skipped_files[split] = meta['skipped']
@@ -341,24 +366,24 @@ class FolderSource:
 
   @staticmethod
   def _is_fixed(meta_path):
-    with open(meta_path) as f:
-      return json.load(f)['fixed_shape'] is not None
+    return json.loads(meta_path.read_text())['fixed_shape'] is not None
 
   def _cache_dir(self, split, files):
     digest = hashlib.sha1()
     digest.update(f'{self.root}\0{split}\0{self.skip_corrupt}\0'.encode())
-    for path in files:
-      stat = os.stat(path)
-      digest.update(f'{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
-    name = f'{os.path.basename(self.root)}_{split}_{digest.hexdigest()[:16]}'
-    return os.path.join(self.data_dir, 'sjmae_folder_cache', name)
+    # One stat per file: on gs:// each is a request, so they run in parallel.
+    with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
+      for path, signature in zip(files, pool.map(_file_signature, files, chunksize=64)):
+        digest.update(f'{path}\0{signature}\n'.encode())
+    name = f'{self.root.name}_{split}_{digest.hexdigest()[:16]}'
+    return self.data_dir / 'sjmae_folder_cache' / name
 
   def _decode_and_store(self, split, files, labels, cache_dir, keep_arrays):
     log.info('Preparing %s split %r: decoding %d images', self.description, split, len(files))
     skipped = []
     shapes = set()
     arrays = [None] * len(files) if keep_arrays else None
-    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
       for index, (array, error) in enumerate(pool.map(_decode_file, files, chunksize=64)):
         if arrays is not None and array is not None and array.nbytes * len(files) > (
             self.cache_max_bytes):
@@ -379,37 +404,44 @@ class FolderSource:
     if len(skipped) == len(files):
       raise DataError(f'split {split!r} of {self.description} has no decodable images')
     fixed_shape = list(shapes.pop()) if len(shapes) == 1 else None
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     if arrays is not None and fixed_shape is not None:
       stacked = np.stack([array for array in arrays if array is not None])
-      _atomic_save(os.path.join(cache_dir, 'images.npy'), stacked)
-    meta = dict(root=self.root, split=split, num_files=len(files), skipped=skipped,
+      _atomic_write(cache_dir / 'images.npy', lambda f: np.save(f, stacked))
+    meta = dict(root=os.fspath(self.root), split=split, num_files=len(files), skipped=skipped,
                 fixed_shape=fixed_shape)
-    temp = os.path.join(cache_dir, f'meta.json.tmp{os.getpid()}')
-    with open(temp, 'w') as f:
-      json.dump(meta, f)
-    os.replace(temp, os.path.join(cache_dir, 'meta.json'))
+    _atomic_write(cache_dir / 'meta.json', lambda f: f.write(json.dumps(meta).encode()))
+
+
+def _io_threads():
+  return max(2, os.cpu_count() or 2)
 
 
 def _subdirectories(path):
   """Sorted names of the folders in `path`, hidden ones (.ipynb_checkpoints, ...) left out."""
-  return sorted(entry for entry in os.listdir(path)
-                if not entry.startswith('.') and os.path.isdir(os.path.join(path, entry)))
+  return sorted(entry.name for entry in path.iterdir()
+                if not entry.name.startswith('.') and entry.is_dir())
 
 
 def _decode_file(path):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(path) as image:
+    encoded = epath.Path(path).read_bytes()
+  except OSError as error:
+    return None, f'{type(error).__name__}: {error}'
+  try:
+    with Image.open(io.BytesIO(encoded)) as image:
       return np.asarray(image.convert('RGB')), None
   except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
     return None, f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
 
 
-def _atomic_save(path, array):
-  temp = f'{path}.tmp{os.getpid()}.npy'
-  np.save(temp, array)
-  os.replace(temp, path)
+def _atomic_write(path, write):
+  """write(binary file) into a temporary file beside `path`, then rename it to `path`."""
+  temp = path.parent / f'{path.name}.tmp{os.getpid()}'
+  with temp.open('wb') as f:
+    write(f)
+  temp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

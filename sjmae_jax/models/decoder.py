@@ -30,8 +30,13 @@ class MAEDecoder(nn.Module):
   attention_impl: Any = None
 
   @nn.compact
-  def __call__(self, tokens, ids_restore, *, extra=None, train: bool = False):
-    """`extra` (B, 1+K, D_enc), when given, is added to the encoder tokens before decoder_embed."""
+  def __call__(self, tokens, ids_restore, *, extra=None, train: bool = False,
+               return_hidden: bool = False):
+    """`extra` (B, 1+K, D_enc), when given, is added to the encoder tokens before decoder_embed.
+
+    return_hidden=True returns (predictions, hidden): hidden (B, 1+L, D_dec) is the decoder_norm
+    output, cls first (FGCR's decoder cls, CAN's separate noise head).
+    """
     if extra is not None:
       tokens = tokens + extra
     x = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=xavier_uniform,
@@ -55,6 +60,7 @@ class MAEDecoder(nn.Module):
     for i in range(self.depth):
       x = Block(d, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                 attention_impl=self.attention_impl, name=f"decoder_blocks_{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
-    x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="decoder_pred")(x)
-    return x[:, 1:]
+    hidden = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
+    pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=xavier_uniform,
+                    name="decoder_pred")(hidden[:, 1:])
+    return (pred, hidden) if return_hidden else pred

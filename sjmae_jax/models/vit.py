@@ -98,11 +98,30 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
+def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = None):
+  """jax.nn.dot_product_attention, plus implementation='auto'.
+
+  'auto' takes cuDNN's fused (flash) attention where it applies (a CUDA GPU, bfloat16/float16,
+  head_dim a multiple of 8 up to 128, or 256 from Hopper on) and XLA's everywhere else (CPU, TPU,
+  float32, other shapes). None / 'xla' / 'cudnn' are passed to JAX as they are: JAX's None is
+  XLA's, and 'cudnn' fails where cuDNN does not apply.
+  """
+  if implementation != "auto":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if jax.default_backend() == "gpu":
+    try:  # JAX checks dtype, shapes and the cuDNN install while tracing, before adding anything
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    except (NotImplementedError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with fused qkv (timm layout).
 
   `context` lets queries come from `x` while keys/values come from another stream (MaPeT's query
   stream); `mask` is a boolean (B, 1|H, Tq, Tk) array, True where attending is allowed.
+  `attention_impl`: None / 'xla' / 'cudnn' / 'auto' (see `dot_product_attention`).
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -122,7 +141,7 @@ class Attention(nn.Module):
       tc = context.shape[1]
       kv = qkv(context).reshape(b, tc, 3, self.num_heads, head_dim)
       k, v = kv[:, :, 1], kv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return proj(out.reshape(b, t, d))
 
 
@@ -170,6 +189,16 @@ class Block(nn.Module):
     return x + self.drop(self._scale("ls2", self.mlp(self.norm2(x))), deterministic)
 
 
+class RematBlock(Block):
+  """Block taking `train` positionally, for nn.remat(static_argnums=(2,)): remat traces keyword
+  arguments, and `train` picks Python branches (drop path), so it has to be static. Call it as
+  block(x, train) (mask / context by keyword)."""
+
+  # pylint: disable-next=arguments-differ
+  def __call__(self, x, train: bool = False, *, mask=None, context=None):
+    return super().__call__(x, train=train, mask=mask, context=context)
+
+
 class VisionTransformer(nn.Module):
   """ViT encoder. Returns all tokens (cls first) after the final LayerNorm.
 
@@ -192,6 +221,10 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   remat: bool = False
+  # With remat: None saves only each block's input (everything else is recomputed in the
+  # backward pass); a jax.checkpoint_policies name (e.g. 'dots_with_no_batch_dims_saveable')
+  # saves what that policy saves.
+  remat_policy: Optional[str] = None
   final_norm: bool = True  # False for global-pool classifiers, whose fc_norm replaces `norm`
   use_mask_token: bool = False  # creates `mask_token` for patch_mask (mask-before-encoder methods)
 
@@ -208,7 +241,10 @@ class VisionTransformer(nn.Module):
     self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype)
     self.cls_token = self.param("cls_token", token_init, (1, 1, d))
     self.pos_embed = self.param("pos_embed", sincos_init(self.grid_size), (1, 1 + self.num_patches, d))
-    block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
+    if self.remat:
+      block_cls = nn.remat(RematBlock, static_argnums=(2,), policy=remat_policy(self.remat_policy))
+    else:
+      block_cls = Block
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     self.blocks = [
         block_cls(d, self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init,
@@ -246,8 +282,21 @@ class VisionTransformer(nn.Module):
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     x = jnp.concatenate([cls, x], axis=1)
     for block in self.blocks:
-      x = block(x, train=train)
+      x = block(x, train) if self.remat else block(x, train=train)
     return self.norm(x) if self.final_norm else x
+
+
+def remat_policy(name: Optional[str]):
+  """None / '' -> None (jax.checkpoint's default: save nothing); a jax.checkpoint_policies name
+  -> that policy."""
+  if not name:
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or not callable(policy) or name.startswith("_"):
+    known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+    raise ValueError(f"config model.remat_policy: {name!r} is not a jax.checkpoint_policies "
+                     f"name (known: {known})")
+  return policy
 
 
 class PatchEmbed(nn.Module):
@@ -292,4 +341,5 @@ def vit_kwargs(model_config) -> dict:
               drop_path_rate=model_config.get("drop_path_rate", 0.0),
               layer_scale_init=model_config.get("layer_scale_init", 0.0) or None,
               attention_impl=model_config.get("attention_impl", "") or None,
-              remat=model_config.get("remat", False))
+              remat=model_config.get("remat", False),
+              remat_policy=model_config.get("remat_policy", "") or None)

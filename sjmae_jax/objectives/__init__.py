@@ -8,7 +8,12 @@ TensorBoard). Modules with BatchNorm keep its statistics in the 'batch_stats' co
 import importlib
 
 _REGISTRY = {}
-_MODULES = ("mae", "sjmae")
+_MODULES = ("mae", "sjmae",
+            "can",
+            "simmim",
+            "ssat",
+            "mapet",
+            )
 
 
 def register(name: str):

@@ -1,0 +1,1 @@
+"""Benchmarks: train_step.py (step, MFU, PyTorch peer, end to end), input_pipeline.py."""

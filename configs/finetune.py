@@ -1,0 +1,53 @@
+"""MAE fine-tuning of a pretrained encoder (eval_finetune.py).
+
+  python eval_finetune.py --config configs/finetune.py --workdir runs/ft --config.init_from=runs/mae
+  python eval_finetune.py --config configs/finetune.py:data=cifar10 --workdir runs/ft_c10 \
+      --config.init_from=runs/mae_c10
+  python eval_finetune.py --config configs/finetune.py:data=imagenet2012,model=vit_base \
+      --workdir runs/ft_b --config.init_from=mae_pretrain_vit_base.pth --config.blr=5e-4 \
+      --config.layer_decay=0.65 --config.epochs=100
+Arg keys: data, img, patch, model (only for a weights file; a pretraining workdir's config.json
+gives the architecture). Defaults are main_finetune.py's (blr 1e-3, layer decay 0.75, 50 epochs);
+the MAE README's ViT-B recipe is in the last example.
+"""
+import ml_collections
+
+from sjmae_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, data="digits", model="", img=0, patch=0)
+  on_digits = args.data == "digits"
+  img, patch = config_lib.default_img_and_patch(args.data, args.img, args.patch)
+  model = args.model or ("vit_micro" if on_digits else "vit_tiny" if img <= 64 else "vit_base")
+
+  config = ml_collections.ConfigDict()
+  config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  config.global_pool = "avg"  # 'avg': mean patch token -> fc_norm (MAE default); 'token': CLS
+  config.seed = 0
+  config.model = config_lib.model_config(model, img, patch)  # only used for weights files
+  # Train views: RRC(0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 + random erasing
+  # 0.25 ('pixel'); change them with --config.data.recipes.finetune.randaugment / ...erase_prob.
+  config.data = config_lib.data_config(args.data, img, views=("finetune",))
+
+  config.batch_size = 128 if on_digits else 1024
+  config.epochs = 30 if on_digits else 50
+  config.warmup_epochs = 5.0
+  config.blr = 1e-3
+  config.lr = 0.0  # absolute peak lr; 0 = blr * batch_size / 256
+  config.min_lr = 1e-6
+  config.weight_decay = 0.05
+  config.layer_decay = 0.75
+  config.drop_path = 0.1
+  config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=0.0))
+  config.label_smoothing = 0.1
+  config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
+                                                switch_prob=0.5))
+  config.ema_decay = 0.0  # e.g. 0.9999: also evaluate an EMA of the weights (ema_top1)
+  config.head_init_std = 2e-5
+  config.eval_every_epochs = 1
+  config.compute_dtype = "float32"
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  config.arg = args
+  return config.lock()

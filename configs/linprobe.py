@@ -1,0 +1,50 @@
+"""MAE linear probe of a pretrained encoder (eval_linprobe.py).
+
+  python eval_linprobe.py --config configs/linprobe.py --workdir runs/probe --config.init_from=runs/mae
+  python eval_linprobe.py --config configs/linprobe.py:data=cifar10 --workdir runs/probe_c10 \
+      --config.init_from=runs/mae_c10 --config.mode=fast
+  python eval_linprobe.py --config configs/linprobe.py:data=imagenet2012,model=vit_base \
+      --workdir runs/probe_b --config.init_from=mae_pretrain_vit_base.pth
+Arg keys: data (digits|cifar10|tfds name|folder:PATH), img, patch, model (only for a weights
+file; a pretraining workdir's config.json gives the architecture).
+config.mode: 'fast' (cached features, no augmentation: seconds), 'full' (the protocol), 'both'.
+"""
+import ml_collections
+
+from sjmae_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, data="digits", model="", img=0, patch=0)
+  on_digits = args.data == "digits"
+  img, patch = config_lib.default_img_and_patch(args.data, args.img, args.patch)
+  model = args.model or ("vit_micro" if on_digits else "vit_tiny" if img <= 64 else "vit_base")
+
+  config = ml_collections.ConfigDict()
+  config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  config.mode = "both"
+  config.global_pool = "token"  # 'token': CLS after the final norm (MAE default); 'avg'
+  config.seed = 0
+  config.model = config_lib.model_config(model, img, patch)  # only used for weights files
+  config.data = config_lib.data_config(args.data, img, views=("linprobe",))
+  # MAE main_linprobe: RandomResizedCrop(scale 0.08-1, bicubic) + flip; eval resize + center crop.
+  config.data.recipes.linprobe = dict(config.data.recipes.mae.to_dict(), rrc_scale=(0.08, 1.0))
+
+  config.batch_size = 256 if on_digits else 1024  # MAE: 16384 on ImageNet
+  config.epochs = 90
+  config.warmup_epochs = 10.0
+  # MAE: blr 0.1 (lr 6.4 at batch 16384, ~7000 steps on ImageNet). LARS moves a weight matrix by
+  # about lr x 0.001 of its norm per step, so with few steps (small data sets) blr 0.1 leaves the
+  # head near its init: digits (5 steps / epoch) and CIFAR (48) use a larger blr.
+  config.blr = {"digits": 25.6, "cifar10": 1.6}.get(args.data, 0.1)
+  config.lr = 0.0  # absolute peak lr; 0 = blr * batch_size / 256
+  config.min_lr = 0.0
+  config.weight_decay = 0.0
+  config.lars = ml_collections.ConfigDict(dict(momentum=0.9, trust_coefficient=0.001))
+  config.head_init_std = 0.01
+  config.eval_every_epochs = 10
+  config.compute_dtype = "float32"
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  config.arg = args
+  return config.lock()

@@ -1,0 +1,135 @@
+"""Weighted kNN classification of frozen features (DINO's eval_knn.py) and the pretraining monitor.
+
+Features are L2-normalised; each test example takes its k most cosine-similar train examples,
+each voting for its label with weight exp(similarity / temperature); the class with the largest
+vote is the prediction. The monitor embeds a labelled subset of the train split and (a subset of)
+the eval split with the objective's `encode` (CLS token after the final norm), eval recipe.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sjmae_jax import data, sharding
+from sjmae_jax.data.sources import ArraySplit, FileSplit, open_source
+
+
+def knn_scores(train_features, train_labels, test_features, num_classes: int, k: int = 20,
+               temperature: float = 0.07):
+  """Class votes (N_test, C) of a weighted kNN over cosine similarity."""
+  normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  similarity = normalize(test_features) @ normalize(train_features).T
+  top_similarity, top_index = jax.lax.top_k(similarity, min(k, train_features.shape[0]))
+  weights = jnp.exp(top_similarity / temperature)
+  votes = jax.nn.one_hot(train_labels[top_index], num_classes) * weights[..., None]
+  return votes.sum(axis=1)
+
+
+_knn_scores = jax.jit(knn_scores, static_argnames=("num_classes", "k", "temperature"))
+
+
+def knn_top1(train_features, train_labels, test_features, test_labels, num_classes: int,
+             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+  """Top-1 accuracy of the weighted kNN classifier (test examples in chunks to bound memory)."""
+  train_features = jnp.asarray(train_features, jnp.float32)
+  train_labels = jnp.asarray(train_labels, jnp.int32)
+  correct = 0
+  for start in range(0, len(test_labels), chunk):
+    scores = _knn_scores(train_features, train_labels,
+                         jnp.asarray(test_features[start:start + chunk], jnp.float32),
+                         num_classes=num_classes, k=k, temperature=temperature)
+    correct += int(np.sum(np.argmax(np.asarray(scores), -1) == test_labels[start:start + chunk]))
+  return correct / max(len(test_labels), 1)
+
+
+def balanced_subset(data_config, split: str, num: int) -> str:
+  """A split expression for about `num` examples of `split` covering every class.
+
+  The first `num` examples when they hold every class at least at half its share (shuffled
+  sources, e.g. TFDS); otherwise the first ceil(num / C) examples of each class as contiguous
+  ranges (class-sorted sources such as ImageFolder copies of CIFAR). `num` <= 0 or at least the
+  split's size: the whole split. Streamed splits (labels unknown up front): the first `num`.
+  """
+  source = open_source(data_config)
+  if num <= 0 or num >= source.num_examples(split):
+    return split
+  if "[" in split or "+" in split:
+    raise data.DataError(f"config knn: cannot take a subset of the split expression {split!r}; "
+                         "use a named split or knn.num_train/num_eval = 0 (the whole split)")
+  loaded = source.load(split, data_config.cache)
+  if not isinstance(loaded, (ArraySplit, FileSplit)):
+    return f"{split}[:{num}]"
+  labels = np.asarray(loaded.labels)
+  classes = np.unique(labels)
+  quota = math.ceil(num / len(classes))
+  totals = {c: int(np.sum(labels == c)) for c in classes}
+  first = labels[:num]
+  if all(np.sum(first == c) >= 0.5 * min(quota, totals[c]) for c in classes):
+    return f"{split}[:{num}]"
+  chosen = np.sort(np.concatenate([np.flatnonzero(labels == c)[:quota] for c in classes]))
+  breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
+  ranges = [(run[0], run[-1] + 1) for run in np.split(chosen, breaks)]
+  return "+".join(f"{split}[{start}:{stop}]" for start, stop in ranges)
+
+
+class KnnMonitor:
+  """kNN top-1 of the current encoder's CLS features, logged as `knn/top1`."""
+
+  def __init__(self, config, model, mesh, every_steps: int):
+    knn = config.knn
+    if knn.k <= 0 or knn.temperature <= 0:
+      raise ValueError(f"config knn.k/temperature: must be positive, got {knn.k}/{knn.temperature}")
+    self.every_steps = max(int(every_steps), 1)
+    self.mesh = mesh
+    self.k, self.temperature = int(knn.k), float(knn.temperature)
+    data_config = config.data
+    self.num_classes = data.dataset_info(data_config).num_classes
+    batch_size = knn.get("batch_size", 0) or config.batch_size // config.grad_accum_steps
+    if batch_size % mesh.size:
+      raise ValueError(f"config knn.batch_size: {batch_size} is not divisible by the "
+                       f"{mesh.size} devices")
+    train_split = balanced_subset(data_config, data_config.train_split, knn.num_train)
+    eval_split = balanced_subset(data_config, data_config.eval_split, knn.get("num_eval", 0))
+    self.train_data = data.build_eval_pipeline(data_config, split=train_split,
+                                               global_batch_size=batch_size)
+    self.eval_data = data.build_eval_pipeline(data_config, split=eval_split,
+                                              global_batch_size=batch_size)
+    logging.info("kNN monitor: %d train / %d eval examples, every %d steps",
+                 self.train_data.num_examples, self.eval_data.num_examples, self.every_steps)
+
+    def embed(params, batch_stats, batch):
+      tokens = model.apply({"params": params, "batch_stats": batch_stats},
+                           batch["images"][:, 0], method="encode")
+      return tokens[:, 0].astype(jnp.float32), batch["label"], batch["valid"]
+    self._embed = jax.jit(embed, out_shardings=sharding.replicated(mesh))
+
+  def features(self, state, pipeline):
+    features, labels = [], []
+    for local_batch in pipeline:
+      batch = sharding.global_batch(local_batch, self.mesh)
+      batch_features, batch_labels, valid = jax.device_get(
+          self._embed(state["params"], state["batch_stats"], batch))
+      features.append(batch_features[valid])
+      labels.append(batch_labels[valid])
+    return np.concatenate(features), np.concatenate(labels)
+
+  def __call__(self, state) -> dict:
+    train_features, train_labels = self.features(state, self.train_data)
+    eval_features, eval_labels = self.features(state, self.eval_data)
+    top1 = knn_top1(train_features, train_labels, eval_features, eval_labels, self.num_classes,
+                    self.k, self.temperature)
+    return {"knn/top1": top1}
+
+
+def build(config, model, mesh) -> list:
+  """[KnnMonitor] when config.knn.every_epochs > 0, else []."""
+  knn = config.get("knn")
+  if knn is None or knn.every_epochs <= 0:
+    return []
+  if not hasattr(model, "encode"):
+    raise ValueError(f"config knn.every_epochs: the {config.method!r} objective has no encode()")
+  num_train = data.dataset_info(config.data).num_examples(config.data.train_split)
+  steps_per_epoch = max(num_train // config.batch_size, 1)
+  return [KnnMonitor(config, model, mesh, every_steps=round(knn.every_epochs * steps_per_epoch))]
