@@ -22,7 +22,11 @@ USAGE_ERROR, NONFINITE_ERROR = 2, 3
 
 
 def fail(message: str, status: int = USAGE_ERROR):
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stderr.flush()
+  os.write(2, f"error: {message}\n".encode())  # one write: no other thread's output inside it
+  # Keep it the last line: after a failed async save, Orbax / TensorStore threads still print
+  # tracebacks ("Event loop is closed", ...) while the interpreter shuts down.
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   sys.exit(status)
 
 
@@ -39,7 +43,8 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: unknown --config.<key>
     message = str(e).replace("\\n", " ")
-    key = re.search(r"'([^'\\]+)", message).group(1)
+    quoted = re.search(r"'([^'\\]+)", message)
+    key = quoted.group(1) if quoted else message
     suggestion = re.search(r'Did you mean "([^"]+)"', message)
     overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
     named = [flag for flag in overrides if flag.endswith(f".{key}")] or overrides

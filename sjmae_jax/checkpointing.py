@@ -159,8 +159,9 @@ def check_writable(workdir) -> None:
     to_check += [path for path in (workdir / "checkpoints", workdir / "tensorboard") if path.exists()]
   for path in to_check:
     if not os.access(path, os.W_OK | os.X_OK):
-      raise WorkdirError(f"workdir {workdir}: {path} is not writable (permissions or a "
-                         f"read-only file system)")
+      where = "" if path == workdir else f" ({path})"
+      raise WorkdirError(f"workdir {workdir} is not writable{where}: permissions or a read-only "
+                         f"file system")
 
 
 def check_compatible(checkpointer, step: int, abstract_state, workdir, config) -> None:
@@ -171,8 +172,10 @@ def check_compatible(checkpointer, step: int, abstract_state, workdir, config) -
   wanted = shapes_by_path(abstract_state)
   if stored == wanted:
     return
-  differing_arrays = sorted(name for name in stored.keys() | wanted.keys()
-                            if stored.get(name) != wanted.get(name))
+  # Name a parameter rather than an optimizer slot when one differs.
+  differing_arrays = sorted((name for name in stored.keys() | wanted.keys()
+                             if stored.get(name) != wanted.get(name)),
+                            key=lambda name: (not name.startswith("params/"), name))
   first = differing_arrays[0]
   describe = lambda entry: "absent" if entry is None else f"{entry[0]} {entry[1]}"
   array_diff = (f"{first} is {describe(stored.get(first))} there vs {describe(wanted.get(first))} "
@@ -182,11 +185,15 @@ def check_compatible(checkpointer, step: int, abstract_state, workdir, config) -
   if config_path.exists():
     saved = flatten(json.loads(config_path.read_text()))
     current = flatten(json.loads(config.to_json_best_effort()))
-    keys = [key for key in sorted(saved.keys() | current.keys())
-            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEY_PREFIXES)]
-    if keys:
-      key_diff = "; ".join(f"{key}: {saved.get(key)!r} there vs {current.get(key)!r} here"
-                           for key in keys) + "; "
+    keys = sorted((key for key in saved.keys() | current.keys()
+                   if saved.get(key) != current.get(key)
+                   and not key.startswith(RESUMABLE_KEY_PREFIXES)),
+                  key=lambda key: (not key.startswith(("method", "model.", "decoder.")), key))
+    value = lambda flat, key: repr(flat[key]) if key in flat else "absent"
+    named = [f"{key}: {value(saved, key)} there vs {value(current, key)} here" for key in keys[:4]]
+    if len(keys) > 4:
+      named.append(f"{len(keys) - 4} more key(s)")
+    key_diff = "".join(f"{entry}; " for entry in named)
   raise IncompatibleCheckpointError(
       f"workdir {workdir} holds checkpoints (step {step}) of a different model: {key_diff}"
       f"{array_diff}; use another --workdir, or the workdir's settings ({config_path})")

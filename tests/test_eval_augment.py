@@ -147,20 +147,26 @@ def test_mixup_cutmix_targets_are_convex_label_mixtures():
   num_classes, batch = 10, 16
   labels = jnp.arange(batch) % num_classes
   images = jnp.arange(batch, dtype=jnp.float32)[:, None, None, None] * jnp.ones((batch, 8, 8, 3))
-  for seed in range(6):
-    mixed, targets, lam = mixup.mix(jax.random.key(seed), images, labels, num_classes,
-                                    mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                                    label_smoothing=0.1)
-    targets = np.asarray(targets)
+  mix = jax.jit(mixup.mix, static_argnums=3, static_argnames=(
+      'mixup_alpha', 'cutmix_alpha', 'switch_prob', 'prob', 'label_smoothing'))
+  partner = batch - 1 - np.arange(batch)  # timm mixes image i with image B-1-i
+  modes = set()
+  for seed in range(12):
+    mixed, targets, lam = mix(jax.random.key(seed), images, labels, num_classes,
+                              mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0,
+                              label_smoothing=0.1)
+    mixed, targets, lam = np.asarray(mixed), np.asarray(targets), float(lam)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
-    assert (targets >= 0).all()
-    lam = float(lam)
-    # image i is mixed with image batch-1-i (timm's flipped batch); its content tells lam
-    partner = batch - 1 - np.arange(batch)
-    content = np.asarray(mixed).mean(axis=(1, 2, 3))
+    assert (targets >= 0).all() and 0.0 <= lam <= 1.0
+    # Each image's mean content tells the lam its target must carry (cutmix: the pasted area).
+    content = mixed.mean(axis=(1, 2, 3))
     np.testing.assert_allclose(content, lam * np.arange(batch) + (1 - lam) * partner, atol=1e-4)
     off = 0.1 / num_classes
     expected = np.full((batch, num_classes), off)
     expected[np.arange(batch), labels] += lam * (1 - 0.1)
     expected[np.arange(batch), np.asarray(labels)[partner]] += (1 - lam) * (1 - 0.1)
     np.testing.assert_allclose(targets, expected, atol=1e-6)
+    pasted = np.all((mixed == np.arange(batch)[:, None, None, None])
+                    | (mixed == partner[:, None, None, None]))
+    modes.add('cutmix' if pasted else 'mixup')
+  assert modes == {'cutmix', 'mixup'}

@@ -134,6 +134,8 @@ def test_finetune_on_digits_keeps_best_and_last_and_resumes(pretrained, tmp_path
   config.unlock()
   config.init_from = str(pretrained[0])
   config.epochs, config.warmup_epochs, config.ema_decay = 2, 1.0, 0.9
+  # RandAugment is covered by the augment_on_device test below; off here to halve the compiles.
+  config.data.recipes.finetune.randaugment = ""
   results = finetune.run(config, str(tmp_path))
   assert 0.0 <= results["top1"] <= results["best_top1"] <= 1.0
   assert results["best_epoch"] in (1, 2) and 0.0 <= results["ema_top1"] <= 1.0
@@ -174,3 +176,25 @@ def test_bad_evaluator_input_fails_with_one_line(pretrained, tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: config init_from: {tmp_path / 'missing'} does not exist")
+
+
+def test_finetune_step_computes_the_views_itself_with_augment_on_device(tmp_path):
+  config = load_config("finetune")
+  config.unlock()
+  config.model.update(variant="custom", embed_dim=32, depth=2, num_heads=2)
+  classifier = common.build_classifier(config, config.model, 10, drop_path_rate=0.1)
+  params = classifier.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  tx, schedule = finetune.make_optimizer(config, params, depth=2, steps_per_epoch=10)
+  state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
+           "rng": jax.random.PRNGKey(1)}
+  new_states = []
+  for on_device in (False, True):
+    config.data.augment_on_device = on_device
+    pipeline = data.build_train_pipeline(config.data, global_batch_size=32, seed=3)
+    batch = next(pipeline)
+    assert ("raw" in batch) == on_device
+    step = jax.jit(finetune.make_train_step(classifier, tx, schedule, config, 10,
+                                            pipeline.finish_batch if on_device else None))
+    new_states.append(step(state, batch)[0]["params"])
+  for host, device in zip(jax.tree.leaves(new_states[0]), jax.tree.leaves(new_states[1])):
+    np.testing.assert_allclose(np.asarray(host), np.asarray(device), rtol=1e-4, atol=1e-6)

@@ -41,6 +41,10 @@ class InMemoryGcs(MemoryFileSystem):
 @pytest.fixture
 def bucket(monkeypatch, tmp_path):
   monkeypatch.setenv("EPATH_USE_TF", "false")  # epath: gs:// through fsspec instead of tf.io.gfile
+  # etils caches its "is TF installed" answer (env var included) on first use of any gs:// path;
+  # an earlier test in the same process may have cached True.
+  from etils.epath import gpath
+  gpath._is_tf_installed.cache_clear()
   for protocol in InMemoryGcs.protocol:
     fsspec.register_implementation(protocol, InMemoryGcs, clobber=True)
   InMemoryGcs.store.clear()
@@ -49,6 +53,8 @@ def bucket(monkeypatch, tmp_path):
   yield epath.Path("gs://bucket")
   assert not (tmp_path / "gs:").exists(), "something wrote gs:// paths through the local file system"
   InMemoryGcs.store.clear()
+  monkeypatch.undo()
+  gpath._is_tf_installed.cache_clear()
 
 
 def stored_files(prefix=""):

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -28,7 +27,10 @@ TOTAL_STEPS = 44
 
 
 def error_lines(stderr: str) -> list:
-  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+  """The `error:` lines of stderr; there must be one at most, and it must be the last line."""
+  lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert not lines or stderr.strip().splitlines()[-1] == lines[-1], stderr[-3000:]
+  return lines
 
 
 def complete_steps(workdir) -> list:
@@ -133,14 +135,14 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path, reference_para
   workdir = tmp_path / "run"
   process = start_train(workdir, tmp_path / "log", overrides=RUN)  # periodic saves: never
   try:
-    wait_until(lambda: "step 10:" in process.stdout_path.read_text(), process, what="step 10")
+    wait_until(lambda: "step 5:" in process.stdout_path.read_text(), process, what="step 5")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=600) == 0, process.stderr_path.read_text()[-3000:]
   finally:
     process.kill()
   stopped = re.search(r"Preempted \(SIGTERM\) at step (\d+)", process.stdout_path.read_text())
   step = int(stopped.group(1))
-  assert 10 < step < TOTAL_STEPS
+  assert 5 < step < TOTAL_STEPS
   assert latest_step(workdir) == step
   assert not partial_saves(workdir) and not (workdir / "summary.json").exists()
 
@@ -165,8 +167,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
             "distributed.num_processes": 2, "distributed.process_id": pid}
     processes.append(start_train(workdir, tmp_path / f"log{pid}", overrides={**RUN, **dist}))
   try:
-    wait_until(lambda: "step 10:" in processes[0].stdout_path.read_text(), processes[0],
-               what="step 10")
+    wait_until(lambda: "step 5:" in processes[0].stdout_path.read_text(), processes[0],
+               what="step 5")
     processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
     for process in processes:
       assert process.wait(timeout=600) == 0, process.stderr_path.read_text()[-3000:]
@@ -175,7 +177,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
       process.kill()
   steps = [int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", p.stdout_path.read_text()).group(1))
            for p in processes]
-  assert steps[0] == steps[1] and 10 < steps[0] < TOTAL_STEPS
+  assert steps[0] == steps[1] and 5 < steps[0] < TOTAL_STEPS
   assert complete_steps(workdir)[-1] == steps[0] and not partial_saves(workdir)
   params = final_params(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
@@ -278,8 +280,11 @@ def test_read_only_workdir_fails_with_one_line_and_stays_as_it_was(tmp_path, sto
   assert snapshot(workdir) == before
 
 
-def limit_file_size():
-  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+# Runs python with the size of any file it writes limited to 64 KiB (set in the process itself:
+# a preexec_fn would fork the multithreaded test process).
+LIMITED_FILE_SIZE = ("import os, resource, sys; "
+                     "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024)); "
+                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 def test_write_failure_while_saving_fails_with_one_line_and_keeps_the_checkpoints(tmp_path,
@@ -288,13 +293,12 @@ def test_write_failure_while_saving_fails_with_one_line_and_keeps_the_checkpoint
   a rerun once writes work again resumes from the last complete checkpoint."""
   workdir = copy_of(stopped_run, tmp_path)
   before = checkpoint_files(workdir)
-  result = run_train(workdir, overrides={**RUN, "checkpoint.every_steps": 5},
-                     preexec_fn=limit_file_size, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     text=True)
-  _, stderr = result.communicate(timeout=900)
-  assert result.returncode == 2, stderr[-3000:]
-  lines = error_lines(stderr)
-  assert len(lines) == 1, stderr[-3000:]
+  python, *args = train_command(workdir, overrides={**RUN, "checkpoint.every_steps": 5})
+  result = subprocess.run([python, "-c", LIMITED_FILE_SIZE, *args], env=train_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = error_lines(result.stderr)
+  assert len(lines) == 1, result.stderr[-3000:]
   assert re.search(r"cannot write checkpoint step 15 in .*: File too large; existing checkpoints "
                    r"are untouched \(latest complete: step 10\)", lines[0]), lines[0]
   assert checkpoint_files(workdir) == before

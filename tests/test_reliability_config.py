@@ -11,7 +11,10 @@ from tests.helpers import REPO, tiny_config, train_command, train_env
 
 
 def error_lines(stderr: str) -> list:
-  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+  """The `error:` lines of stderr; there must be one at most, and it must be the last line."""
+  lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert not lines or stderr.strip().splitlines()[-1] == lines[-1], stderr[-3000:]
+  return lines
 
 
 # (config with arg, overrides, forced devices, what the one error line must say); more cases of

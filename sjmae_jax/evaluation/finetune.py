@@ -39,10 +39,14 @@ def make_optimizer(config, params, depth: int, steps_per_epoch: int):
   return optax.chain(*parts), schedule
 
 
-def make_train_step(classifier, tx, schedule, config, num_classes: int):
+def make_train_step(classifier, tx, schedule, config, num_classes: int, finish_batch=None):
+  """With `finish_batch` (data.augment_on_device) the step receives pre-batches and computes the
+  views (crops, RandAugment, erasing) itself, on the accelerator."""
   mix = config.mixup
 
   def train_step(state, batch):
+    if finish_batch is not None:
+      batch = finish_batch(batch)
     rng = jax.random.fold_in(state["rng"], state["step"])
     mix_rng, dropout_rng = jax.random.split(rng)
     images, targets, _ = mixup.mix(
@@ -63,7 +67,7 @@ def make_train_step(classifier, tx, schedule, config, num_classes: int):
       new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                              state["ema_params"], params)
     return new_state, {"loss": loss, "lr": schedule(state["step"]),
-                       "grad_norm": optax.global_norm(grads)}
+                       "grad_norm": optax.tree.norm(grads)}
   return train_step
 
 
@@ -134,7 +138,9 @@ def run(config, workdir: str) -> dict:
   checkpointing.write_config(workdir, config)
 
   replicated = sharding.replicated(mesh)
-  train_step = jax.jit(make_train_step(classifier, tx, schedule, config, info.num_classes),
+  finish_batch = train_data.finish_batch if train_data.augment_on_device else None
+  train_step = jax.jit(make_train_step(classifier, tx, schedule, config, info.num_classes,
+                                       finish_batch),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 

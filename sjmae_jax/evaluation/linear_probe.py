@@ -167,7 +167,11 @@ def run(config, workdir: str) -> dict:
     state = jax.device_put(init_head_state(head, tx, feature_dim, head_rng), replicated)
     head_step = make_head_step(head, tx, schedule)
 
+    finish_batch = train_data.finish_batch if train_data.augment_on_device else None
+
     def train_step(state, frozen_params, batch):
+      if finish_batch is not None:  # data.augment_on_device: views computed here
+        batch = finish_batch(batch)
       return head_step(state, features_fn(frozen_params, batch["images"][:, 0]), batch["label"])
     train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=replicated)
     eval_step = jax.jit(lambda state, frozen_params, batch: head_logits_counts(
