@@ -5,27 +5,20 @@ PATH: a pretraining workdir (its latest checkpoint) or a weights file (timm / MA
 DIR/results.json, TensorBoard logs in DIR/tensorboard,
 the last state in DIR/checkpoints (rerunning resumes) and the best params in DIR/best.
 """
-import os
-import sys
+from sjmae_jax import cli
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, checkpoints and TensorBoard logs.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG, _WORKDIR = cli.define_flags("Directory for results.json, checkpoints and TensorBoard logs.")
 
 
 def main(argv):
   del argv
+  config = cli.loaded_config(_CONFIG)
   from sjmae_jax.evaluation import finetune
   try:
-    finetune.run(_CONFIG.value, _WORKDIR.value)
+    finetune.run(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  cli.run(main)

@@ -23,8 +23,8 @@ JAX starts, and fills the peer columns of the MAE rows.
 --levers all | dtype,attention,remat,donate,batch_passes measures the same case with each
 fast-path lever switched (one row each).
 --e2e cifar10 adds end-to-end rows: the CIFAR-10 ImageFolder through the input pipeline,
-trainer.device_prefetch and the step, with the views computed on the host (what train.py does)
-and in the step on the device (data.augment_on_device, composed here; see docs/performance.md).
+trainer.device_prefetch and the step, with the views computed on the host (train.py's default)
+and in the step on the device (data.augment_on_device=True, as train.py does with it).
 Printed: one detail line per measurement, then a markdown table in BENCHMARKS.md's column order.
 """
 import argparse
@@ -197,8 +197,7 @@ def build_config(method: str, model: str, args, setup: Setup):
   config.model.attention_impl = setup.attention
   config.model.remat = bool(setup.remat)
   if setup.remat not in ("", "full"):
-    with config.unlocked():
-      config.model.remat_policy = setup.remat
+    config.model.remat_policy = setup.remat
   if method == "sjmae":
     config.sjmae.batch_passes = setup.batch_passes
   return config
@@ -267,9 +266,8 @@ class StepBench:
     state_shardings = sharding.tree_shardings(jax.eval_shape(init_fn, rng), self.mesh,
                                               config.sharding.rules, config.sharding.min_size)
     self.state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-    step_fn = trainer.make_train_step(model, tx, schedule, self.mesh, config.grad_accum_steps)
-    if finish_batch is not None:
-      step_fn = views_in_step(step_fn, finish_batch)
+    step_fn = trainer.make_train_step(model, tx, schedule, self.mesh, config.grad_accum_steps,
+                                      finish_batch=finish_batch)
     self.step = jax.jit(step_fn,
                         in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
                         out_shardings=(state_shardings, sharding.replicated(self.mesh)),
@@ -298,13 +296,6 @@ class StepBench:
 
   def loss(self) -> float:
     return float(self.metrics["loss"])
-
-
-def views_in_step(step_fn, finish_batch):
-  """The step on pre-batches (data.augment_on_device=True): views computed on the device."""
-  def step(state, pre_batch):
-    return step_fn(state, finish_batch(pre_batch))
-  return step
 
 
 def synthetic_batch(config, mesh):

@@ -66,7 +66,7 @@ def model_config(name: str, img: int, patch: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       variant=variant, embed_dim=dim, depth=depth, num_heads=heads, img_size=img, patch_size=patch,
       in_chans=3, mlp_ratio=4.0, drop_path_rate=0.0, layer_scale_init=0.0, attention_impl="",
-      remat=False))
+      remat=False, remat_policy=""))
 
 
 def default_img_and_patch(data: str, img: int, patch: int) -> tuple[int, int]:

@@ -95,7 +95,7 @@ def make_grad_fn(model):
 
 
 def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
-                    skip_nonfinite: bool = False, poison_step: int = 0):
+                    skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None):
   """Pure update: (state, global batch) -> (new state, scalar metrics).
 
   With grad_accum_steps = n the batch is split into n strided micro-batches (micro-batch i gets
@@ -106,11 +106,15 @@ def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
   returned as a metric, so the host never has to sync just to look); with `skip_nonfinite` its
   update is dropped (params, optimizer state and BatchNorm statistics stay as they were; the step
   counter still advances, the batch is consumed). `poison_step` (a test hook) multiplies the
-  images of that step (1-based, as logged) by NaN.
+  images of that step (1-based, as logged) by NaN. With `finish_batch` (data.augment_on_device)
+  the step receives pre-batches (uint8 images, crop boxes, random draws) and computes the views
+  itself, on the accelerator.
   """
   grad_fn = make_grad_fn(model)
 
   def train_step(state, batch):
+    if finish_batch is not None:
+      batch = finish_batch(batch)
     if poison_step:
       poison = jnp.where(state["step"] + 1 == poison_step, jnp.nan, 1.0)
       batch = dict(batch, images=batch["images"] * poison)
@@ -154,9 +158,11 @@ def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
   return train_step
 
 
-def make_pictures_fn(model, num_images: int = 8):
+def make_pictures_fn(model, num_images: int = 8, finish_batch=None):
   def pictures(state, batch):
     small = jax.tree.map(lambda x: x[:num_images], batch)
+    if finish_batch is not None:
+      small = finish_batch(small)
     rng = jax.random.fold_in(state["rng"], 2 ** 31 - 1)  # fixed, apart from step rngs
     return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, small,
                        method="pictures", rngs={"masking": rng, "dropout": rng})
@@ -319,13 +325,15 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))})
 
   batch_sharding = sharding.batch_sharding(mesh)
+  finish_batch = train_data.finish_batch if train_data.augment_on_device else None
   step_fn = make_train_step(model, tx, schedule, mesh, config.grad_accum_steps,
                             skip_nonfinite=config.nonfinite == "skip",
-                            poison_step=config.debug.poison_step)
+                            poison_step=config.debug.poison_step, finish_batch=finish_batch)
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  pictures_fn = jax.jit(make_pictures_fn(model), out_shardings=sharding.replicated(mesh))
+  pictures_fn = jax.jit(make_pictures_fn(model, finish_batch=finish_batch),
+                        out_shardings=sharding.replicated(mesh))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   monitors = evaluation.build_monitors(config, model, mesh)
   monitor_metrics = {}

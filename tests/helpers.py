@@ -34,6 +34,23 @@ def tiny_config(name: str = "mae", **overrides):
   return config
 
 
+def train_losses(config, steps: int, batch_size: int = 32) -> list:
+  """The per-step losses of `steps` jitted train steps on `config`'s data, in process."""
+  import jax
+  from sjmae_jax import data, optim, sharding, trainer
+  mesh = sharding.make_mesh(config.mesh)
+  model = trainer.build_model(config)
+  pipeline = data.build_train_pipeline(config.data, global_batch_size=batch_size, seed=0)
+  tx, schedule = optim.make_optimizer(config, pipeline.steps_per_epoch)
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+  step = jax.jit(trainer.make_train_step(model, tx, schedule, mesh))
+  losses = []
+  for _, batch in zip(range(steps), pipeline):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
 def run_train(workdir, config_name="mae", overrides=None, devices=1, env=None, timeout=600, **popen):
   """Run train.py with TINY_OVERRIDES (+ overrides) on `devices` forced CPU devices."""
   args = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / config_name}.py",

@@ -163,8 +163,7 @@ def test_remat_policy_reaches_jax_checkpoint():
   config = tiny_config("mae")
   config.model.remat = True
   config.model.drop_path_rate = 0.1
-  with config.unlocked():
-    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+  config.model.remat_policy = "dots_with_no_batch_dims_saveable"
   model = vit.VisionTransformer(**vit.vit_kwargs(config.model))
   images = jnp.zeros((1, config.model.img_size, config.model.img_size, 3))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
@@ -184,6 +183,13 @@ def test_remat_policy_reaches_jax_checkpoint():
 
   with pytest.raises(ValueError, match="not a jax.checkpoint_policies name"):
     vit.remat_policy("dots_savable")
+  config.model.remat_policy = "dots_savable"  # caught when the model is built, before compiling
+  with pytest.raises(ValueError, match="dots_savable"):
+    vit.vit_kwargs(config.model)
+  config.model.remat_policy = ""
+  config.model.attention_impl = "flash"
+  with pytest.raises(ValueError, match="model.attention_impl: unknown value 'flash'"):
+    vit.vit_kwargs(config.model)
 
 
 def test_auto_attention_is_xla_off_gpu():

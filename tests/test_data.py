@@ -643,3 +643,22 @@ def test_real_cifar10_folder_metadata():
   info = data.dataset_info(cfg)
   assert info.num_classes == 10 and info.class_names[0] == 'airplane'
   assert (info.num_examples('train'), info.num_examples('test')) == (50_000, 10_000)
+
+
+def test_concurrent_first_runs_prepare_digits_once_and_all_succeed(tmp_path):
+  # Parallel test workers or several jobs on one machine share ~/tensorflow_datasets: without a
+  # lock the second TFDS preparation fails at its final rename.
+  import subprocess
+  import sys
+  script = ("import sys; from sjmae_jax import data; cfg = data.default_config(); "
+            "cfg.data_dir = sys.argv[1]; print(data.dataset_info(cfg).split_sizes)")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo)
+  runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "tfds")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(3)]
+  results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+  for code, out, err in results:
+    assert code == 0, err[-2000:]
+  sizes = {out.strip().splitlines()[-1] for _, out, _ in results}
+  assert sizes == {"{'train': 1438, 'test': 359}"}, sizes

@@ -178,6 +178,25 @@ def test_bad_evaluator_input_fails_with_one_line(pretrained, tmp_path):
       f"error: config init_from: {tmp_path / 'missing'} does not exist")
 
 
+@pytest.mark.parametrize("script,config", [("eval_linprobe.py", "linprobe"),
+                                           ("eval_finetune.py", "finetune")])
+@pytest.mark.parametrize("flag,expected", [
+    ("--config.head_lr=1", "error: --config.head_lr: unknown config key 'head_lr'"),
+    ("--config.epochs=many", "--config.epochs=many"),
+])
+def test_evaluator_cli_rejects_a_bad_config_in_one_line_and_writes_nothing(
+    tmp_path, script, config, flag, expected):
+  result = subprocess.run(
+      [sys.executable, str(REPO / script), f"--config={REPO / 'configs' / config}.py",
+       f"--workdir={tmp_path / 'run'}", flag],
+      capture_output=True, text=True, cwd=REPO, timeout=300,
+      env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"})
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 def test_finetune_step_computes_the_views_itself_with_augment_on_device(tmp_path):
   config = load_config("finetune")
   config.unlock()

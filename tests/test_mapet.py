@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjmae_jax import checkpointing, data, interop, optim, sharding, trainer
+from sjmae_jax import checkpointing, interop, optim, trainer
 from sjmae_jax.interop import timm as timm_interop
 from sjmae_jax.models.vit import VisionTransformer, patchify, vit_kwargs
 from sjmae_jax.objectives import mapet
 from sjmae_jax.tokenizers import kmeans, tokenizer
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, train_losses
 
 RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed), "masking": jax.random.PRNGKey(seed + 1),
                        "dropout": jax.random.PRNGKey(seed + 2)}
@@ -406,16 +406,7 @@ def test_config_variants(arg, img, patch, context, lr):
 
 def test_loss_decreases_on_digits():
   config = tiny_config()
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  pipeline = data.build_train_pipeline(config.data, global_batch_size=32, seed=0)
-  tx, schedule = optim.make_optimizer(config, pipeline.steps_per_epoch)
-  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
-  step = jax.jit(trainer.make_train_step(model, tx, schedule, mesh))
-  losses = []
-  for _, batch in zip(range(60), pipeline):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses = train_losses(config, 60)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-10:]) < 0.95 * np.mean(losses[:10]), losses
 

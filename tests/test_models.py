@@ -99,3 +99,13 @@ def test_decoder_places_tokens_back_in_original_order():
   # mask-token slots differ only by their position embedding
   pos = variables["params"]["decoder_pos_embed"][0]
   assert not np.allclose(base[0, 0], base[0, 2]) and not np.allclose(pos[1], pos[3])
+
+
+def test_timm_trunc_normal_is_untruncated_at_small_std():
+  # timm's trunc_normal_(std) cuts at +-2 absolute; flax's default cuts at +-2 std, which would
+  # cap every head weight at 2 * std and shrink the spread (MAE head: std 2e-5 and 0.01).
+  from sjmae_jax.models.vit import timm_trunc_normal
+  for std in (2e-5, 0.01):
+    w = np.asarray(timm_trunc_normal(std)(jax.random.PRNGKey(1), (400, 500)))
+    assert abs(w.std() / std - 1) < 0.01
+    assert np.abs(w).max() > 4 * std  # 200k draws of N(0, std^2) reach about 4.5 std

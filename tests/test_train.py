@@ -1,5 +1,4 @@
 """End-to-end training: learning, resume equality, sharding and multi-host equivalence."""
-import functools
 import json
 import socket
 
@@ -8,21 +7,12 @@ import numpy as np
 import pytest
 
 from sjmae_jax import checkpointing, data, optim, sharding, trainer
-from tests.helpers import run_train, tiny_config
+from tests.helpers import run_train, tiny_config, train_losses
 
 
 def test_loss_decreases_on_digits_over_50_steps():
   config = tiny_config("mae")
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  pipeline = data.build_train_pipeline(config.data, global_batch_size=32, seed=0)
-  tx, schedule = optim.make_optimizer(config, pipeline.steps_per_epoch)
-  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
-  step = jax.jit(trainer.make_train_step(model, tx, schedule, mesh))
-  losses = []
-  for _, batch in zip(range(60), pipeline):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses = train_losses(config, 60)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10]), losses
 
@@ -52,6 +42,30 @@ def test_grad_accumulation_averages_micro_batch_gradients():
   assert_trees_close(expected, new_state["params"], rtol=1e-4, atol=1e-6)
   assert_trees_close(stats, new_state["batch_stats"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+
+
+def test_views_computed_inside_the_step_match_views_computed_on_the_host():
+  config = tiny_config("sjmae")  # two augmented views (colour jitter, blur, crops)
+  mesh = sharding.make_mesh(config.mesh)
+  model = trainer.build_model(config)
+  tx, schedule = optim.make_optimizer(config, 10)
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+  state["step"] = state["step"] + 3  # past step 0, where the warmup lr is 0
+  host = data.build_train_pipeline(config.data, global_batch_size=32, seed=0)
+  config.data.augment_on_device = True
+  device = data.build_train_pipeline(config.data, global_batch_size=32, seed=0)
+  finished, pre_batch = next(host), next(device)
+  assert "images" in finished and "images" not in pre_batch
+  assert pre_batch["raw"].dtype == np.uint8
+  on_host = jax.jit(trainer.make_train_step(model, tx, schedule, mesh))
+  on_device = jax.jit(trainer.make_train_step(model, tx, schedule, mesh,
+                                              finish_batch=device.finish_batch))
+  (host_state, host_metrics), (device_state, device_metrics) = (
+      on_host(dict(state), finished), on_device(dict(state), pre_batch))
+  np.testing.assert_allclose(float(device_metrics["loss"]), float(host_metrics["loss"]), rtol=1e-4)
+  assert_trees_close(host_state["params"], device_state["params"], rtol=1e-3, atol=1e-5)
+  pictures = jax.jit(trainer.make_pictures_fn(model, finish_batch=device.finish_batch))
+  assert all(np.isfinite(np.asarray(v)).all() for v in pictures(device_state, pre_batch).values())
 
 
 def final_params(workdir):

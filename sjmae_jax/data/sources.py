@@ -9,7 +9,9 @@ Every bad-input case raises `DataError` with a one-line message, before anything
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -207,7 +209,10 @@ def _tfds_source(cfg, name):
     if not cfg.download:
       raise DataError(f'{description} is not prepared under {data_dir} (data.data_dir); '
                       'prepare it with `tfds build` or set data.download=True')
-    builder.download_and_prepare()
+    with _preparing(data_dir, name):
+      builder = tfds.builder(name, data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
   return TfdsSource(cfg, builder, description)
 
 
@@ -215,10 +220,29 @@ def _digits_source(cfg):
   data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
   builder = SjmaeDigits(data_dir=data_dir)
   if not builder.is_prepared():
-    log.info('Preparing the embedded digits dataset under %s', data_dir)
-    builder.download_and_prepare()
+    with _preparing(data_dir, DIGITS_NAME):
+      builder = SjmaeDigits(data_dir=data_dir)
+      if not builder.is_prepared():
+        log.info('Preparing the embedded digits dataset under %s', data_dir)
+        builder.download_and_prepare()
   # digits is always held in memory: 1797 images of 8x8.
   return TfdsSource(cfg, builder, 'digits')
+
+
+@contextlib.contextmanager
+def _preparing(data_dir: str, name: str):
+  """One process at a time prepares `name` in a local data_dir (the others wait, then find it
+  prepared): TFDS's final rename fails for the second of two concurrent preparations."""
+  if '://' in data_dir:  # object stores: no flock; prepare them once beforehand
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f'.{name}.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------

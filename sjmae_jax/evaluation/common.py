@@ -15,6 +15,24 @@ from sjmae_jax.models.vit import vit_kwargs
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def validate_shared(config, positive_keys=("epochs", "batch_size")) -> None:
+  """Checks the keys both evaluators have (ValueError naming the key)."""
+  if config.global_pool not in ("token", "avg"):
+    raise ValueError(f"config global_pool: {config.global_pool!r} is not 'token' or 'avg'")
+  for key in positive_keys:
+    if config[key] <= 0:
+      raise ValueError(f"config {key}: must be positive, got {config[key]}")
+
+
+def make_mesh(config):
+  """The (data, fsdp) mesh of `config.mesh`, checked against `config.batch_size`."""
+  mesh = sharding.make_mesh(config.mesh)
+  if config.batch_size % mesh.size:
+    raise ValueError(f"config batch_size: {config.batch_size} is not divisible by the "
+                     f"{mesh.size} devices")
+  return mesh
+
+
 def load_encoder(config):
   """(encoder params on host, model config) of `config.init_from`.
 

@@ -72,17 +72,13 @@ def make_train_step(classifier, tx, schedule, config, num_classes: int, finish_b
 
 
 def _validate(config):
-  if config.global_pool not in ("token", "avg"):
-    raise ValueError(f"config global_pool: {config.global_pool!r} is not 'avg' or 'token'")
   if not 0.0 < config.layer_decay <= 1.0:
     raise ValueError(f"config layer_decay: {config.layer_decay} must be in (0, 1]")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config ema_decay: {config.ema_decay} must be in [0, 1) (0 = off)")
   if not 0.0 <= config.drop_path < 1.0:
     raise ValueError(f"config drop_path: {config.drop_path} must be in [0, 1)")
-  for key in ("epochs", "batch_size", "eval_every_epochs"):
-    if config[key] <= 0:
-      raise ValueError(f"config {key}: must be positive, got {config[key]}")
+  common.validate_shared(config, ("epochs", "batch_size", "eval_every_epochs"))
 
 
 def run(config, workdir: str) -> dict:
@@ -90,10 +86,7 @@ def run(config, workdir: str) -> dict:
   _validate(config)
   workdir = epath.Path(workdir)
   started = time.time()
-  mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % mesh.size:
-    raise ValueError(f"config batch_size: {config.batch_size} is not divisible by the "
-                     f"{mesh.size} devices")
+  mesh = common.make_mesh(config)
   info = data.dataset_info(config.data)
   encoder_params, model_config = common.load_encoder(config)
   classifier = common.build_classifier(config, model_config, info.num_classes,

@@ -27,6 +27,7 @@ from etils import epath
 from sjmae_jax import data, optim, sharding
 from sjmae_jax.evaluation import common
 from sjmae_jax.evaluation.lars import lars
+from sjmae_jax.models.vit import timm_trunc_normal
 
 MODES = ("fast", "full", "both")
 
@@ -40,10 +41,7 @@ class ProbeHead(nn.Module):
   def __call__(self, features, *, train: bool):
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False,
                      use_scale=False, name="bn")(features.astype(jnp.float32))
-    # timm's trunc_normal_(std=0.01) cuts at +-2 absolute (200 std): in effect N(0, 0.01^2).
-    init = nn.initializers.truncated_normal(self.init_std, lower=-2.0 / self.init_std,
-                                            upper=2.0 / self.init_std)
-    return nn.Dense(self.num_classes, kernel_init=init, name="head")(x)
+    return nn.Dense(self.num_classes, kernel_init=timm_trunc_normal(self.init_std), name="head")(x)
 
 
 def init_head_state(head, tx, feature_dim: int, rng) -> dict:
@@ -82,11 +80,7 @@ def make_optimizer(config, steps_per_epoch: int):
 def _validate(config):
   if config.mode not in MODES:
     raise ValueError(f"config mode: {config.mode!r} is not one of {MODES}")
-  if config.global_pool not in ("token", "avg"):
-    raise ValueError(f"config global_pool: {config.global_pool!r} is not 'token' or 'avg'")
-  for key in ("epochs", "batch_size"):
-    if config[key] <= 0:
-      raise ValueError(f"config {key}: must be positive, got {config[key]}")
+  common.validate_shared(config)
 
 
 def run(config, workdir: str) -> dict:
@@ -94,10 +88,7 @@ def run(config, workdir: str) -> dict:
   _validate(config)
   workdir = epath.Path(workdir)
   started = time.time()
-  mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % mesh.size:
-    raise ValueError(f"config batch_size: {config.batch_size} is not divisible by the "
-                     f"{mesh.size} devices")
+  mesh = common.make_mesh(config)
   info = data.dataset_info(config.data)
   encoder_params, model_config = common.load_encoder(config)
   classifier = common.build_classifier(config, model_config, info.num_classes)

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sjmae_jax.models.vit import VisionTransformer
+from sjmae_jax.models.vit import VisionTransformer, timm_trunc_normal
 
 
 class ViTClassifier(nn.Module):
@@ -27,7 +27,7 @@ class ViTClassifier(nn.Module):
     if self.global_pool == "avg":
       self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.head = nn.Dense(self.num_classes, dtype=self.dtype,
-                         kernel_init=nn.initializers.truncated_normal(self.head_init_std))
+                         kernel_init=timm_trunc_normal(self.head_init_std))
 
   def features(self, images, *, train: bool = False):
     x = self.encoder(images, train=train)

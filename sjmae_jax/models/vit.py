@@ -34,6 +34,11 @@ xavier_uniform = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
 
 
+def timm_trunc_normal(std: float):
+  """timm's trunc_normal_(std=s): N(0, s^2) cut at +-2 *absolute* (so in effect untruncated)."""
+  return nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
+
+
 def patch_kernel_init(key, shape, dtype=jnp.float32):
   """Xavier-uniform on the kernel viewed as [out, C*p*p], as MAE initialises its patch conv."""
   fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
@@ -96,6 +101,9 @@ class LayerScale(nn.Module):
   def __call__(self, x):
     gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
     return x * gamma.astype(x.dtype)
+
+
+ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
 
 
 def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = None):
@@ -335,11 +343,16 @@ def vit_kwargs(model_config) -> dict:
   img, patch = model_config.img_size, model_config.patch_size
   if img % patch:
     raise ValueError(f"config model: img_size {img} is not divisible by patch_size {patch}")
+  attention_impl = model_config.get("attention_impl", "") or None
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config model.attention_impl: unknown value {attention_impl!r}; choose one "
+                     f"of '' (XLA), 'xla', 'cudnn', 'auto'")
+  remat_policy(model_config.get("remat_policy", "") or None)  # an unknown name fails here
   return dict(img_size=img, patch_size=patch, in_chans=model_config.get("in_chans", 3),
               embed_dim=dim, depth=depth, num_heads=heads,
               mlp_ratio=model_config.get("mlp_ratio", 4.0),
               drop_path_rate=model_config.get("drop_path_rate", 0.0),
               layer_scale_init=model_config.get("layer_scale_init", 0.0) or None,
-              attention_impl=model_config.get("attention_impl", "") or None,
+              attention_impl=attention_impl,
               remat=model_config.get("remat", False),
               remat_policy=model_config.get("remat_policy", "") or None)

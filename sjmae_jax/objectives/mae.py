@@ -6,7 +6,6 @@ objective module: {'encoder': VisionTransformer, 'decoder': MAEDecoder}.
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives

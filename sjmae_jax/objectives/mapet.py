@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives
-from sjmae_jax.models.vit import VisionTransformer, patchify, unpatchify, vit_kwargs
+from sjmae_jax.models.vit import (VisionTransformer, patchify, timm_trunc_normal, unpatchify,
+                                  vit_kwargs)
 from sjmae_jax.objectives.mae import patch_targets, reconstruction_picture
 from sjmae_jax.optim import frozen_labels
 from sjmae_jax.tokenizers.kmeans import nearest_centroid
@@ -35,7 +36,7 @@ from sjmae_jax.tokenizers.tokenizer import (Tokenizer, data_normalization, read_
                                             teacher_features)
 
 TARGETS = ("pixels", "tokens")
-head_init = nn.initializers.truncated_normal(stddev=0.02)  # timm's Linear init, as the original
+head_init = timm_trunc_normal(0.02)  # timm's Linear init, as the original
 
 
 def default_num_context(num_patches: int) -> int:

@@ -15,7 +15,6 @@ with one learned log-variance s_i per term (`loss_log_vars`, init 0), replacing 
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives
