@@ -179,3 +179,25 @@ def test_run_config_round_trips_in_a_gs_workdir(bucket):
   checkpointing.write_config("gs://bucket/runs/mae", config)
   assert stored_files("/bucket/runs/mae/") == ["/bucket/runs/mae/config.json"]
   assert checkpointing.read_config("gs://bucket/runs/mae").model.embed_dim == config.model.embed_dim
+
+
+def test_tokenizer_files_round_trip_on_gs(bucket):
+  from sjmae_jax.models.vit import VisionTransformer
+  from sjmae_jax.tokenizers import tokenizer
+  teacher_kwargs = dict(architecture="vit", img_size=8, patch_size=4, in_chans=3, embed_dim=16,
+                        depth=1, num_heads=2)
+  kwargs = {k: v for k, v in teacher_kwargs.items() if k != "architecture"}
+  params = VisionTransformer(**kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))["params"]
+  codebook = np.arange(5 * 16, dtype=np.float32).reshape(5, 16)
+  path = bucket / "tokenizers" / "k5.npy"
+  tokenizer.save_tokenizer(path, codebook, teacher_kwargs, params,
+                           teacher_norm=tokenizer.NORMALIZATIONS["imagenet"])
+  assert stored_files("/bucket/tokenizers") == [
+      "/bucket/tokenizers/k5.json", "/bucket/tokenizers/k5.npy",
+      "/bucket/tokenizers/k5.teacher.safetensors"]
+  found = tokenizer.read_tokenizer("gs://bucket/tokenizers/k5.npy")
+  assert (found.codebook_path, found.teacher_path) == (
+      "gs://bucket/tokenizers/k5.npy", "gs://bucket/tokenizers/k5.teacher.safetensors")
+  arrays = found.load_arrays()
+  np.testing.assert_array_equal(arrays["codebook"], codebook)
+  jax.tree.map(np.testing.assert_array_equal, arrays["encoder"], jax.device_get(params))

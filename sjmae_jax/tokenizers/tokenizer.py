@@ -161,7 +161,7 @@ class Tokenizer:
   def load_arrays(self) -> dict:
     """{'encoder', 'codebook'} as float32 numpy arrays with exactly `param_shapes()`."""
     arrays = {"encoder": state_dict_to_params(interop.read_state_dict(self.teacher_path)),
-              "codebook": np.load(self.codebook_path).astype(np.float32)}
+              "codebook": _load_npy(self.codebook_path).astype(np.float32)}
     expected = jax.tree.map(lambda s: tuple(s.shape), self.param_shapes())
     found = jax.tree.map(lambda x: tuple(x.shape), arrays)
     if expected != found:
@@ -170,12 +170,23 @@ class Tokenizer:
     return arrays
 
 
+def _load_npy(path) -> np.ndarray:
+  with epath.Path(path).open("rb") as f:
+    return np.load(f)
+
+
+def _absolute(path) -> epath.Path:
+  """Local paths made absolute (they are stored in configs); gs:// and the like as they are."""
+  path = epath.Path(path)
+  return path if "://" in os.fspath(path) else path.absolute()
+
+
 def json_path(codebook_path) -> str:
-  return os.path.splitext(os.fspath(codebook_path))[0] + ".json"
+  return os.fspath(epath.Path(codebook_path).with_suffix(".json"))
 
 
 def teacher_weights_path(codebook_path) -> str:
-  return os.path.splitext(os.fspath(codebook_path))[0] + ".teacher.safetensors"
+  return os.fspath(epath.Path(codebook_path).with_suffix(".teacher.safetensors"))
 
 
 def save_tokenizer(codebook_path, codebook, teacher_kwargs: dict, teacher_params, *,
@@ -185,32 +196,28 @@ def save_tokenizer(codebook_path, codebook, teacher_kwargs: dict, teacher_params
   codebook_path = os.fspath(codebook_path)
   if not codebook_path.endswith(".npy"):
     raise ValueError(f"tokenizer output {codebook_path!r}: expected a .npy path")
-  if os.path.dirname(codebook_path):
-    os.makedirs(os.path.dirname(codebook_path), exist_ok=True)
-  np.save(codebook_path, codebook)
+  epath.Path(codebook_path).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(codebook_path).open("wb") as f:
+    np.save(f, codebook)
   weights_path = teacher_weights_path(codebook_path)
   interop.save_state_dict(params_to_state_dict(teacher_params), weights_path)
   mean, std = teacher_norm
   content = {"codebook_size": int(codebook.shape[0]), "feature_dim": int(codebook.shape[1]),
-             "teacher": dict(teacher_kwargs), "teacher_weights": os.path.basename(weights_path),
+             "teacher": dict(teacher_kwargs), "teacher_weights": epath.Path(weights_path).name,
              "teacher_mean": list(mean), "teacher_std": list(std), **(info or {})}
-  with open(json_path(codebook_path), "w") as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-    f.write("\n")
+  epath.Path(json_path(codebook_path)).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
   return content
 
 
 def read_tokenizer(codebook_path) -> Tokenizer:
   """The tokenizer whose codebook is `codebook_path` (reads only its JSON)."""
-  path = json_path(codebook_path)
-  if not os.path.exists(path):
+  path = epath.Path(json_path(codebook_path))
+  if not path.exists():
     raise FileNotFoundError(f"tokenizer {codebook_path}: no {path}; write tokenizers with "
                             "python -m sjmae_jax.tokenizers.fit_kmeans")
-  with open(path) as f:
-    content = json.load(f)
-  directory = os.path.dirname(os.path.abspath(path))
-  return Tokenizer(codebook_path=os.path.abspath(os.fspath(codebook_path)),
-                   teacher_path=os.path.join(directory, content["teacher_weights"]),
+  content = json.loads(path.read_text())
+  return Tokenizer(codebook_path=os.fspath(_absolute(codebook_path)),
+                   teacher_path=os.fspath(_absolute(path).parent / content["teacher_weights"]),
                    teacher_kwargs=dict(content["teacher"]),
                    teacher_norm=(tuple(content["teacher_mean"]), tuple(content["teacher_std"])),
                    codebook_size=int(content["codebook_size"]),
