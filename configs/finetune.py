@@ -18,8 +18,7 @@ from sjmae_jax import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, data="digits", model="", img=0, patch=0)
   on_digits = args.data == "digits"
-  img, patch = config_lib.default_img_and_patch(args.data, args.img, args.patch)
-  model = args.model or ("vit_micro" if on_digits else "vit_tiny" if img <= 64 else "vit_base")
+  img, patch, model = config_lib.default_model_args(args)
 
   config = ml_collections.ConfigDict()
   config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file

@@ -69,6 +69,15 @@ def model_config(name: str, img: int, patch: int) -> ml_collections.ConfigDict:
       remat=False, remat_policy=""))
 
 
+def default_model_args(args) -> tuple[int, int, str]:
+  """(img, patch, model name) from a config arg's data/img/patch/model, dataset defaults filled in:
+  vit_micro on digits, vit_tiny up to 64 px, vit_base above."""
+  img, patch = default_img_and_patch(args.data, args.img, args.patch)
+  model = args.model or ("vit_micro" if args.data == "digits" else
+                         "vit_tiny" if img <= 64 else "vit_base")
+  return img, patch, model
+
+
 def default_img_and_patch(data: str, img: int, patch: int) -> tuple[int, int]:
   """Image size and patch size per dataset: 16/4 digits, 32/4 CIFAR-size, 224/16 otherwise."""
   if not img:
@@ -80,8 +89,7 @@ def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_c
   """Base pretraining config. Arg keys: model, data, img, patch (0 = dataset default), + the caller's."""
   args = parse_arg(arg, model="", data="digits", img=0, patch=0, **arg_defaults)
   on_digits = args.data == "digits"
-  img, patch = default_img_and_patch(args.data, args.img, args.patch)
-  model = args.model or ("vit_micro" if on_digits else "vit_tiny" if img <= 64 else "vit_base")
+  img, patch, model = default_model_args(args)
 
   config = ml_collections.ConfigDict()
   config.method = method
