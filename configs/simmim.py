@@ -1,12 +1,12 @@
-"""Mask tokens before the encoder: SimMIM (default) or the method seed 002 describes.
+"""Mask tokens before the encoder: SimMIM (default) or an MAE-style variant.
 
   python train.py --config configs/simmim.py --workdir runs/simmim                 # digits, CPU
   python train.py --config configs/simmim.py:data=cifar10,model=vit_tiny --workdir runs/simmim_c10
-  python train.py --config configs/simmim.py:variant=seed002 --workdir runs/seed002
+  python train.py --config configs/simmim.py:variant=mae_style --workdir runs/simmim_mae_style
   python train.py --config configs/simmim.py:data=imagenet2012,model=vit_base,img=224 --workdir ...
 Arg keys: model, data, img, patch (see configs/mae.py) and variant:
   simmim   32-px mask units (one patch on images under 128 px), ratio 0.6, linear head, L1;
-  seed002  random patches, ratio 0.75, transformer decoder (config.decoder sizes), MSE.
+  mae_style  random patches, ratio 0.75, transformer decoder (config.decoder sizes), MSE.
 Each choice is also a key: --config.simmim.masking/mask_unit/mask_ratio/decoder/loss.
 """
 import ml_collections
@@ -15,7 +15,7 @@ from sjmae_jax import config_lib
 
 VARIANTS = {
     "simmim": dict(masking="units", mask_ratio=0.6, decoder="linear", loss="l1"),
-    "seed002": dict(masking="patches", mask_ratio=0.75, decoder="transformer", loss="mse"),
+    "mae_style": dict(masking="patches", mask_ratio=0.75, decoder="transformer", loss="mse"),
 }
 
 

@@ -1,4 +1,4 @@
-"""SSAT: supervised ViT training with an MAE auxiliary task (seed 004), and its FGCR extension.
+"""SSAT: supervised ViT training with an MAE auxiliary task, and its FGCR extension.
 
   python train.py --config configs/ssat.py --workdir runs/ssat                    # digits, CPU
   python train.py --config configs/ssat.py:data=cifar10,model=vit_tiny --workdir runs/ssat_c10

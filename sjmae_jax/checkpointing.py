@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sjmae_jax import paths
 from sjmae_jax.sharding import path_str
 
 CONFIG_FILE = "config.json"
@@ -55,7 +56,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, save_interval_steps=save_every_steps,
           enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=False)
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = epath.Path(paths.absolute(workdir)) / "checkpoints"  # Orbax: absolute only
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_handlers={"state": ocp.StandardCheckpointHandler()})
     self._created = read_only or self.directory.exists()

@@ -1,5 +1,15 @@
-"""What train.py, eval_linprobe.py and eval_finetune.py share: --config/--workdir flags and
-one-line `error:` reporting (exit status 2) for a bad config, workdir or data."""
+"""The command-line programs: pretraining, linear probe, fine-tuning.
+
+  python train.py --config configs/sjmae.py[:arg] --workdir DIR [--config.key=value ...]
+  python eval_linprobe.py --config configs/linprobe.py[:arg] --workdir DIR --config.init_from=PATH
+  python eval_finetune.py --config configs/finetune.py[:arg] --workdir DIR --config.init_from=PATH
+(installed: sjmae-train, sjmae-linprobe, sjmae-finetune; the export is sjmae-export.)
+
+They share: --config/--workdir flags, relative paths taken from the current directory, a quiet
+console (--verbosity=0 brings the libraries' INFO logs back), one `error:` line on stderr for a bad
+config, workdir or data (exit status 2, nothing written), and Ctrl-C / SIGTERM stopping after the
+current step with a checkpoint (exit 130 / 0; a second Ctrl-C aborts at once).
+"""
 import os
 import re
 import sys
@@ -8,12 +18,44 @@ from absl import app, flags
 from ml_collections import config_flags
 
 USAGE_ERROR = 2
+NONFINITE_ERROR = 3
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+TRAIN_DOC = """Pretrain a ViT with any sjmae_jax objective.
+
+  python train.py --config configs/sjmae.py[:arg] --workdir DIR [--config.key=value ...]
+
+Running the same command again resumes from the workdir's latest checkpoint; on a finished run it
+changes nothing (raise --config.epochs to train on). --config.stop_at_step=N stops early, with a
+checkpoint, without changing the schedule.
+
+Exit status: 0 done, or stopped by SIGTERM with a checkpoint; 130 stopped by Ctrl-C (with a
+checkpoint; rerun to resume); 2 a bad config, workdir or data (one `error:` line, nothing written);
+3 stopped at a non-finite loss (config nonfinite='stop'); 1 anything unexpected (its traceback).
+"""
+LINPROBE_DOC = """Linear-probe a pretrained encoder with the MAE protocol (+ a fast cached-feature probe).
+
+  python eval_linprobe.py --config configs/linprobe.py[:arg] --workdir DIR --config.init_from=PATH
+
+PATH: a pretraining workdir (its latest checkpoint) or a weights file (timm / MAE). Writes
+DIR/results.json and TensorBoard logs in DIR/tensorboard.
+"""
+FINETUNE_DOC = """Fine-tune a pretrained encoder with the MAE protocol.
+
+  python eval_finetune.py --config configs/finetune.py[:arg] --workdir DIR --config.init_from=PATH
+
+PATH: a pretraining workdir (its latest checkpoint) or a weights file (timm / MAE). Writes
+DIR/results.json, TensorBoard logs in DIR/tensorboard, the last state in DIR/checkpoints
+(rerunning resumes) and the best params in DIR/best.
+"""
 
 
 def define_flags(workdir_help: str):
   """(--config, --workdir) flag holders; --config is `path[:arg]` plus `--config.key=value`."""
-  config = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
-                                           lock_config=True)
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file, `path[:arg]` (e.g. configs/sjmae.py:data=cifar10); any of its "
+      "keys is set with --config.KEY=VALUE.", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
   return config, workdir
@@ -35,8 +77,22 @@ def last_line(error: BaseException) -> str:
   return re.sub(r"^\w+(Error|Exception): ", "", line)
 
 
-def parse_flags(argv):
+def print_help(doc: str) -> None:
+  print(doc)
+  print("Flags:")
+  for name in ("config", "workdir"):
+    print(f"  --{name}: {flags.FLAGS[name].help}")
+  print("  --verbosity: 0 shows the libraries' INFO logs (Orbax, TFDS, ...), 1 also debug logs; "
+        "by default only warnings of sjmae_jax and errors are shown.")
+  print("  --config.KEY=VALUE: set any key of the config (nested keys with dots); an unknown key "
+        "is an error.")
+
+
+def parse_flags(argv, doc: str):
   """absl flag parsing with one `error:` line instead of a traceback for a bad --config."""
+  if any(arg in HELP_FLAGS for arg in argv[1:]):
+    print_help(doc)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: unknown --config.<key>
@@ -64,6 +120,63 @@ def loaded_config(config_flag):
     fail(f"--config: {last_line(e)}")
 
 
-def run(main):
+def run(main, doc: str):
+  """app.run(main) with our flag parsing, a quiet console and a one-line Ctrl-C abort."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main, flags_parser=parse_flags)
+
+  def main_with_console(argv):
+    if not flags.FLAGS["verbosity"].present:
+      from sjmae_jax import console
+      console.quiet_logs()
+    try:
+      return main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops after the step, saving)
+      fail("interrupted (Ctrl-C): stopped at once, without saving; the same command resumes from "
+           "the last complete checkpoint", INTERRUPTED)
+
+  app.run(main_with_console, flags_parser=lambda argv: parse_flags(argv, doc))
+
+
+def _program(doc: str, workdir_help: str, body):
+  config_flag, workdir_flag = define_flags(workdir_help)
+
+  def main(argv):
+    del argv
+    config = loaded_config(config_flag)
+    return body(config, workdir_flag.value)
+  run(main, doc)
+
+
+def train_main():
+  def body(config, workdir):
+    from sjmae_jax import checkpointing, trainer
+    trainer.initialize_distributed(config.distributed)
+    try:
+      summary = trainer.train_and_evaluate(config, workdir)
+    except (ValueError, FileNotFoundError, checkpointing.WorkdirError) as e:  # DataError: a ValueError
+      fail(str(e))
+    except trainer.NonFiniteLossError as e:
+      fail(str(e), NONFINITE_ERROR)
+    if summary.get("stopped_by") == "SIGINT":
+      sys.exit(INTERRUPTED)
+  _program(TRAIN_DOC, "Directory for checkpoints, TensorBoard logs and summary.json.", body)
+
+
+def linprobe_main():
+  def body(config, workdir):
+    from sjmae_jax.evaluation import linear_probe
+    try:
+      linear_probe.run(config, workdir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+      fail(str(e))
+  _program(LINPROBE_DOC, "Directory for results.json and TensorBoard logs.", body)
+
+
+def finetune_main():
+  def body(config, workdir):
+    from sjmae_jax.evaluation import finetune
+    try:
+      finetune.run(config, workdir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+      fail(str(e))
+  _program(FINETUNE_DOC, "Directory for results.json, checkpoints and TensorBoard logs.", body)

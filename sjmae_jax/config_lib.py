@@ -5,13 +5,11 @@ every pretraining config shares so that a new method's config only states what d
 """
 import os
 import re
-from pathlib import Path
 
 import ml_collections
 
 from sjmae_jax import data as data_lib
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (variant, embed_dim, depth, num_heads); 'vit_micro' is the CPU-sized demo encoder.
 MODELS = {
@@ -39,18 +37,21 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def cifar10_dir() -> str:
-  return os.environ.get("SJMAE_CIFAR10_DIR", str(REPO_ROOT.parent / "shared" / "data" / "cifar10"))
+  """An ImageFolder copy of CIFAR-10 (ROOT/{train,test}/<class>/*), from $SJMAE_CIFAR10_DIR; ''
+  when unset (data=cifar10 then reads TFDS's cifar10)."""
+  return os.environ.get("SJMAE_CIFAR10_DIR", "")
 
 
 def data_config(name: str, img: int, views: tuple) -> ml_collections.ConfigDict:
-  """Data presets: 'digits' (offline default), 'cifar10' (ImageFolder), or any 'tfds:NAME'."""
+  """Data presets: 'digits' (offline default), 'cifar10' (the ImageFolder at $SJMAE_CIFAR10_DIR,
+  else TFDS's cifar10), any TFDS name, or 'folder:PATH'."""
   cfg = data_lib.default_config()
   cfg.img_size = img
   cfg.views = list(views)
   if name == "digits":
     cfg.source = "digits"
   elif name == "cifar10":
-    cfg.source = f"folder:{cifar10_dir()}"
+    cfg.source = f"folder:{cifar10_dir()}" if cifar10_dir() else "tfds:cifar10"
     cfg.train_split, cfg.eval_split = "train", "test"
   elif name.startswith(("tfds:", "folder:")):
     cfg.source = name

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from etils import epath
 
+from sjmae_jax import paths
 from sjmae_jax.interop import mae as mae_interop
 from sjmae_jax.interop import timm as timm_interop
 from sjmae_jax.interop.io import save_state_dict, sidecar_path
@@ -65,6 +66,8 @@ def _config_decoder_heads(config):
 
 
 def main(argv=None) -> int:
+  """`python -m sjmae_jax.export` / `sjmae-export`; relative paths are taken from the current
+  directory. Exit status 2 with one `error:` line for a missing workdir or checkpoint."""
   parser = argparse.ArgumentParser(prog="python -m sjmae_jax.export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="run directory with a saved checkpoint")
@@ -80,17 +83,22 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if not args.out.endswith(".safetensors"):
     parser.error("--out must end with .safetensors")
+  workdir, out = paths.absolute(args.workdir), paths.absolute(args.out)
 
   from sjmae_jax.checkpointing import load_params
   from sjmae_jax.models.vit import vit_kwargs
 
-  params, config = load_params(args.workdir)
-  num_heads = vit_kwargs(config.model)["num_heads"]
-  decoder_num_heads = args.decoder_num_heads or _config_decoder_heads(config)
-  info = export_params(params, args.out, num_heads=num_heads, export_format=args.export_format,
-                       timm_name=args.timm_name, global_pool=args.global_pool,
-                       decoder_num_heads=decoder_num_heads)
-  print(f"wrote {args.out} and {sidecar_path(args.out)}: {info}")
+  try:
+    params, config = load_params(workdir)
+    num_heads = vit_kwargs(config.model)["num_heads"]
+    decoder_num_heads = args.decoder_num_heads or _config_decoder_heads(config)
+    info = export_params(params, out, num_heads=num_heads, export_format=args.export_format,
+                         timm_name=args.timm_name, global_pool=args.global_pool,
+                         decoder_num_heads=decoder_num_heads)
+  except (ValueError, OSError) as e:  # FileNotFoundError: no workdir / checkpoint
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.out} and {paths.shown(sidecar_path(out))}: {info}")
   return 0
 
 

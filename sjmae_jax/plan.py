@@ -27,6 +27,7 @@ gradients): keep 20-30% of the device's memory free.
 """
 import dataclasses
 import math
+import os
 import sys
 
 import jax
@@ -143,6 +144,24 @@ def make_plan(config, num_devices: int) -> Plan:
   return Plan(model_title(config), data, fsdp, micro_batch, num_params, full, per_device)
 
 
+def device_memory_bytes(device) -> int | None:
+  """What one device can hold: the allocator's limit on accelerators; on the host CPU, physical
+  memory shared by the process's CPU devices. None when unknown."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # not implemented on some backends  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu":
+    try:
+      total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      return None
+    return total // max(len(jax.local_devices(backend="cpu")), 1)
+  return None
+
+
 def format_plan(plan: Plan, device_memory_gib: float = 0.0) -> str:
   gib = lambda n: f"{n / GIB:9.2f} GiB"
   row = lambda label, whole, device: f"  {label:<36}{whole:>14}{device:>14}"
@@ -186,8 +205,9 @@ def main(argv, config_flag, devices_flag, device_memory_flag):
   print(format_plan(plan, device_memory_flag.value))
 
 
-if __name__ == "__main__":
-  # Flags are defined only when run as a program, so importing this module defines none.
+def cli_main():
+  """`python -m sjmae_jax.plan` / `sjmae-plan`. Flags are defined only here, so importing this
+  module defines none."""
   config_flag = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]), as "
                                                 "train.py.", lock_config=True)
   devices_flag = flags.DEFINE_integer("devices", 0, "Number of devices to plan for (default: "
@@ -196,3 +216,7 @@ if __name__ == "__main__":
                                           "say whether the run fits (16 v5e, 32 v4, 80 H100).")
   flags.mark_flags_as_required(["config"])
   app.run(lambda argv: main(argv, config_flag, devices_flag, device_memory_flag))
+
+
+if __name__ == "__main__":
+  cli_main()

@@ -4,10 +4,11 @@ The loop reads top to bottom: checks (config, workdir, existing checkpoints) -> 
 model -> eval_shape -> shardings -> (first write to the workdir) -> jitted update -> loop with
 logging, pictures, checkpoints. Every objective trains through this one loop.
 
-What survives what (README "What survives what"): a kill at any moment loses at most the steps
-since the last complete checkpoint (Orbax writes a step to a tmp directory and renames it when
-complete); SIGTERM stops after the current step with a checkpoint; a non-finite loss stops
-before anything is saved from the bad state ('stop') or drops that update ('skip').
+What survives what (docs/reliability.md): a kill at any moment loses at most the steps since the
+last complete checkpoint (Orbax writes a step to a tmp directory and renames it when complete);
+SIGTERM and Ctrl-C stop after the current step with a checkpoint; a non-finite loss stops before
+anything is saved from the bad state ('stop') or drops that update ('skip'). Rerunning a finished
+run changes nothing.
 """
 import collections
 import functools
@@ -21,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sjmae_jax import checkpointing, config_lib, data, evaluation, objectives, optim, sharding
+from sjmae_jax import (checkpointing, config_lib, console, data, evaluation, objectives, optim,
+                       paths, sharding)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -183,17 +185,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PreemptionNotice:
-  """SIGTERM (the preemption notice of TPU VMs, SLURM, Kubernetes) -> stop at a step that every
-  process agrees on.
+  """SIGTERM (the preemption notice of TPU VMs, SLURM, Kubernetes) or Ctrl-C -> stop at a step that
+  every process agrees on, with a checkpoint.
 
   Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
   SIGTERM on any process and makes `reached_preemption_sync_point` true at the same step on all
-  of them. One process: a Python handler sets a flag that the loop reads after each step.
+  of them (Ctrl-C there stays Python's KeyboardInterrupt). One process: Python handlers set a flag
+  that the loop reads after each step; a second Ctrl-C raises KeyboardInterrupt at once.
+  `received` names the signal ('SIGTERM' or 'SIGINT'), or is None.
   """
 
   def __init__(self, start_step: int):
-    self.received = False
-    self._previous_handler = None
+    self.received = None
+    self._previous_handlers = {}
     self.mode = "jax" if jax.process_count() > 1 else "signal"
     if self.mode == "jax":
       try:  # registers the step the count starts from, as early as possible
@@ -203,22 +207,32 @@ class PreemptionNotice:
                         "last checkpoint")
         self.mode = "off"
     elif threading.current_thread() is threading.main_thread():
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.received = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received == "SIGINT":
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again to abort at once)",
+            flush=True)
+    self.received = self.received or signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
     """True at the step to stop at; call after every step, on every process."""
     if self.mode == "jax":
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.received
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = "SIGTERM"
+        return True
+      return False
+    return self.received is not None
 
   def close(self):
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}
 
 
 class NonFiniteWatch:
@@ -272,19 +286,101 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrain according to `config` in `workdir`, resuming from its latest checkpoint.
 
   Everything that can be checked (config values, workdir writable, existing checkpoints of the
-  same model, data readable) is checked before anything is compiled or written.
+  same model, data readable, memory) is checked before anything is compiled or written. A run that
+  is already complete is left as it is (its summary is returned). Relative paths are taken from
+  the current directory.
   """
+  config = paths.with_absolute_paths(config)
   config_lib.validate(config, num_devices=jax.device_count())
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(paths.absolute(workdir))
   checkpointing.check_writable(workdir)
   if config.init_from and not epath.Path(config.init_from).exists():
-    raise FileNotFoundError(f"config init_from: {config.init_from} does not exist")
+    raise FileNotFoundError(f"config init_from: {paths.shown(config.init_from)} does not exist")
   start_step = resume_step(workdir, config)
   preemption = PreemptionNotice(start_step)
   try:
     return train_from(config, workdir, start_step, preemption)
   finally:
     preemption.close()
+
+
+def already_complete(workdir, step: int, total_steps: int) -> dict:
+  """Says that the run in `workdir` is done and returns its summary; writes nothing."""
+  summary_path = workdir / "summary.json"
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"step": step}
+  if jax.process_index() == 0:
+    until = "" if step >= total_steps else f" (stop_at_step; the schedule runs to {total_steps})"
+    print(f"{paths.shown(workdir)} is already complete at step {step}{until}: nothing to do. "
+          f"Summary: {paths.shown(summary_path)}; raise --config.epochs to train longer.",
+          flush=True)
+  return dict(summary, already_complete=True)
+
+
+def check_memory(config, num_devices: int) -> str:
+  """Stops (one ValueError line) when sjmae_jax.plan's per-device estimate is over what a device
+  has; otherwise returns 'est. X of Y GiB per device' for the first lines."""
+  from sjmae_jax import plan  # plan builds on this module
+  estimate = plan.make_plan(config, num_devices)
+  capacity = plan.device_memory_bytes(jax.local_devices()[0])
+  needed = estimate.total_per_device
+  if capacity and needed > capacity:
+    raise ValueError(
+        f"this run needs about {needed / plan.GIB:.1f} GiB per device ({estimate.micro_batch} "
+        f"examples per device per micro-step; python -m sjmae_jax.plan details it), "
+        f"{jax.local_devices()[0].platform} devices here have {capacity / plan.GIB:.1f} GiB: lower "
+        f"--config.batch_size ({config.batch_size}), raise --config.grad_accum_steps "
+        f"({config.grad_accum_steps}) or --config.mesh.fsdp ({config.mesh.fsdp}), or set "
+        f"--config.model.remat=True")
+  if not capacity:
+    return f"est. {needed / plan.GIB:.2f} GiB per device"
+  return f"est. {needed / plan.GIB:.2f} of {capacity / plan.GIB:.1f} GiB per device"
+
+
+class LazyWriter:
+  """A metric writer that creates its event file at the first write: a run that fails before
+  logging anything leaves no empty event file behind in WORKDIR/tensorboard."""
+
+  def __init__(self, create, hparams: dict):
+    self._create, self._hparams, self._writer = create, hparams, None
+
+  def _get(self):
+    if self._writer is None:
+      self._writer = self._create()
+      self._writer.write_hparams(self._hparams)
+    return self._writer
+
+  def write_scalars(self, step, scalars):
+    self._get().write_scalars(step, scalars)
+
+  def write_images(self, step, images):
+    self._get().write_images(step, images)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def write_parameter_table(workdir, params) -> int:
+  """WORKDIR/parameters.txt (name, shape, dtype, size, mean, std of every parameter); returns the
+  number of parameters."""
+  if jax.process_index() == 0:
+    checkpointing.write_text_atomically(workdir / "parameters.txt",
+                                        parameter_overview.get_parameter_overview(params) + "\n")
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+def describe_run(config, train_data, num_params: int, start_step: int, total_steps: int,
+                 memory: str) -> str:
+  """The first lines of a run: what runs, on what, for how long."""
+  encoder = config.model
+  width = f"{encoder.embed_dim}x{encoder.depth}" if encoder.get("embed_dim") else encoder.variant
+  devices = jax.devices()
+  return (f"{config.method} pretraining: ViT {width}/{encoder.patch_size} at {encoder.img_size} px, "
+          f"{num_params / 1e6:.2f} M params, {config.compute_dtype}; data {config.data.source} "
+          f"({train_data.num_examples:,} train images)\n"
+          f"{len(devices)} {devices[0].platform} device(s), global batch {config.batch_size}, "
+          f"{total_steps} steps ({config.epochs} epochs x {train_data.steps_per_epoch}), from step "
+          f"{start_step}; {memory}")
 
 
 def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -> dict:
@@ -295,6 +391,9 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.stop_at_step or total_steps)
+  if start_step and start_step >= stop_step:
+    return already_complete(workdir, start_step, total_steps)
+  memory = check_memory(config, jax.device_count())
 
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
@@ -309,7 +408,6 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
       workdir, max_to_keep=config.checkpoint.keep, save_every_steps=config.checkpoint.every_steps,
       async_save=config.checkpoint.async_save)
   if start_step:
-    logging.info("Resuming from checkpoint at step %d", start_step)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         state_shardings)
@@ -319,10 +417,17 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
     if config.init_from:
       state = initialise_encoder_from(state, config, state_shardings)
 
-  writer = metric_writers.create_default_writer(workdir / "tensorboard", just_logging=not is_main)
+  hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
+  writer = LazyWriter(lambda: metric_writers.create_default_writer(
+      workdir / "tensorboard", just_logging=not is_main), hparams)
+  num_params = write_parameter_table(workdir, state["params"])
+  progress = console.Progress(total_steps, start_step, end_step=stop_step,
+                              steps_per_epoch=steps_per_epoch,
+                              examples_per_step=config.batch_size,
+                              live=None if is_main else False)
   if is_main:
-    parameter_overview.log_parameter_overview(state["params"])
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))})
+    print(describe_run(config, train_data, num_params, start_step, total_steps, memory)
+          + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
 
   batch_sharding = sharding.batch_sharding(mesh)
   finish_batch = train_data.finish_batch if train_data.augment_on_device else None
@@ -334,7 +439,6 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
                        donate_argnums=(0,))
   pictures_fn = jax.jit(make_pictures_fn(model, finish_batch=finish_batch),
                         out_shardings=sharding.replicated(mesh))
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   monitors = evaluation.build_monitors(config, model, mesh)
   monitor_metrics = {}
   nonfinite = NonFiniteWatch(int(jax.device_get(state["nonfinite_steps"])))
@@ -348,33 +452,36 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
       raise NonFiniteLossError(
           f"non-finite loss at step {bad_step}: {loss_terms(metrics)}; stopped without saving "
           f"(last checkpoint: {f'step {latest}' if latest else 'none'} in "
-          f"{checkpointer.directory}); --config.nonfinite=skip drops such steps instead")
+          f"{paths.shown(checkpointer.directory)}); --config.nonfinite=skip drops such steps "
+          f"instead")
     if bad and is_main:
-      print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped update(s) of "
-            f"step(s) {', '.join(str(s) for s, _ in bad)}; {count} skipped so far", flush=True)
+      progress.print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped "
+                     f"update(s) of step(s) {', '.join(str(s) for s, _ in bad)}; {count} skipped "
+                     f"so far")
 
   def fetch_metrics(step, metrics):
     scalars = write_metrics(writer, step, metrics)
+    rate = progress.rate()
+    if rate:
+      writer.write_scalars(step, {"steps_per_sec": rate,
+                                  "images_per_sec": rate * config.batch_size})
     if is_main:
-      print(f"step {step}: loss {scalars['loss']:.4f}", flush=True)
+      progress.metrics(step, scalars)
     look_for_nonfinite(step, int(scalars["nonfinite_steps"]))
     return scalars
 
-  print(f"Training {config.method} for {total_steps} steps ({config.epochs} epochs x "
-        f"{steps_per_epoch}) from step {start_step}; checkpoints: {checkpointer.directory}; "
-        f"TensorBoard: {workdir / 'tensorboard'}", flush=True)
   last_metrics, pending = {}, None
   started = time.time()
   batches = device_prefetch(iter(train_data), mesh)
   step = start_step
-  preempted = False
+  stopped = False
   try:
     while step < stop_step:
       batch = next(batches)
       state, metrics = train_step(state, batch)
       step += 1
       nonfinite.record(step, metrics)
-      report(step)
+      progress.step(step)
       if pending is not None:  # fetch the previous step's metrics after dispatching this one
         last_metrics = fetch_metrics(*pending)
         pending = None
@@ -383,41 +490,64 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
       if config.picture_every_steps and (step % config.picture_every_steps == 0 or step == stop_step):
         pictures = jax.device_get(pictures_fn(state, batch))
         writer.write_images(step, {k: np.asarray(v, np.float32) for k, v in pictures.items()})
-      for monitor in monitors:
-        if step % monitor.every_steps == 0 or step == stop_step:
+      for monitor in monitors:  # not at an early stop (stop_at_step): the schedule is not done
+        if step % monitor.every_steps == 0 or step == total_steps:
           results = monitor(state)
           writer.write_scalars(step, results)
           monitor_metrics.update(results)
-          print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()), flush=True)
-      preempted = preemption.reached(step)
-      if preempted or step == stop_step or checkpointer.should_save(step):
+          if is_main:
+            progress.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+      stopped = preemption.reached(step)
+      if stopped or step == stop_step or checkpointer.should_save(step):
         if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
           look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
         checkpointer.save(step, state, force=True)
-      if preempted:
+      if stopped:
         break
     if pending is not None:
       last_metrics = fetch_metrics(*pending)
     checkpointer.wait()
   except BaseException:
+    progress.close()
     close_quietly(checkpointer)  # lets a save of an earlier, good state finish
     raise
+  progress.close()
   checkpointer.close()
   writer.flush()
 
-  summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(time.time() - started, 2),
+  wall_seconds = time.time() - started
+  summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
-  if preempted:
-    print(f"Preempted (SIGTERM) at step {step}: checkpoint saved in {checkpointer.directory}; "
-          f"run the same command to resume", flush=True)
-    return dict(summary, preempted=True)
+  checkpoints = paths.shown(checkpointer.directory)
+  if stopped:
+    by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received
+    if is_main:
+      print(f"Stopped by {by} at step {step}: checkpoint saved in {checkpoints}; run the same "
+            f"command to resume", flush=True)
+    return dict(summary, preempted=True, stopped_by=preemption.received)
   if is_main:
     checkpointing.write_text_atomically(workdir / "summary.json",
                                         json.dumps(summary, indent=2, sort_keys=True))
-    print(f"Done at step {step}: loss {summary.get('loss', float('nan')):.4f}; "
-          f"checkpoints: {checkpointer.directory}; TensorBoard logs: {workdir / 'tensorboard'}; "
-          f"summary: {workdir / 'summary.json'}", flush=True)
+    print(finished_lines(config, workdir, summary, wall_seconds, monitor_metrics), flush=True)
   return summary
+
+
+def finished_lines(config, workdir, summary: dict, wall_seconds: float, monitor_metrics) -> str:
+  """The last lines of a run: the result and where everything is."""
+  results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
+                      + [f"{k} {v:.4f}" for k, v in monitor_metrics.items()])
+  shown = paths.shown(workdir)
+  data_arg = config.get("arg", {}).get("data", "digits")
+  probe_config = "configs/linprobe.py" + ("" if data_arg == "digits" else f":data={data_arg}")
+  return "\n".join([
+      f"Done at step {summary['step']} of {summary['total_steps']} in "
+      f"{console.duration(wall_seconds)}: {results}",
+      f"  checkpoints:  {paths.shown(workdir / 'checkpoints')}",
+      f"  summary:      {paths.shown(workdir / 'summary.json')}",
+      f"  TensorBoard:  tensorboard --logdir {paths.shown(workdir / 'tensorboard')}",
+      f"  probe it:     python eval_linprobe.py --config {probe_config} --workdir {shown}_probe "
+      f"--config.init_from={shown}",
+  ])
 
 
 def close_quietly(checkpointer) -> None:

@@ -135,12 +135,12 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path, reference_para
   workdir = tmp_path / "run"
   process = start_train(workdir, tmp_path / "log", overrides=RUN)  # periodic saves: never
   try:
-    wait_until(lambda: "step 5:" in process.stdout_path.read_text(), process, what="step 5")
+    wait_until(lambda: "step 5/" in process.stdout_path.read_text(), process, what="step 5")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=600) == 0, process.stderr_path.read_text()[-3000:]
   finally:
     process.kill()
-  stopped = re.search(r"Preempted \(SIGTERM\) at step (\d+)", process.stdout_path.read_text())
+  stopped = re.search(r"Stopped by SIGTERM at step (\d+)", process.stdout_path.read_text())
   step = int(stopped.group(1))
   assert 5 < step < TOTAL_STEPS
   assert latest_step(workdir) == step
@@ -150,6 +150,51 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path, reference_para
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"from step {step};" in result.stdout
   assert_identical(reference_params, final_params(workdir))
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_exits_130_in_one_line(tmp_path, reference_params):
+  workdir = tmp_path / "run"
+  process = start_train(workdir, tmp_path / "log", overrides=RUN)  # periodic saves: never
+  try:
+    wait_until(lambda: "step 5/" in process.stdout_path.read_text(), process, what="step 5")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=600) == 130, process.stderr_path.read_text()[-3000:]
+  finally:
+    process.kill()
+  stdout, stderr = process.stdout_path.read_text(), process.stderr_path.read_text()
+  assert "Traceback" not in stderr and not error_lines(stderr), stderr[-3000:]
+  stopped = re.findall(r"Stopped by Ctrl-C at step (\d+): checkpoint saved in .*; run the same "
+                       r"command to resume", stdout)
+  assert len(stopped) == 1, stdout
+  step = int(stopped[0])
+  assert 5 < step < TOTAL_STEPS and latest_step(workdir) == step
+  assert not partial_saves(workdir) and not (workdir / "summary.json").exists()
+
+  result = run_train(workdir, overrides=RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"from step {step};" in result.stdout
+  assert_identical(reference_params, final_params(workdir))
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_without_saving(tmp_path):
+  workdir = tmp_path / "run"
+  process = start_train(workdir, tmp_path / "log", overrides=RUN)
+  try:  # the first lines are printed before the step is compiled: both signals land before step 1
+    wait_until(lambda: "from step 0;" in process.stdout_path.read_text(), process,
+               what="the first lines")
+    process.send_signal(signal.SIGINT)
+    wait_until(lambda: "Ctrl-C again to abort" in process.stdout_path.read_text(), process,
+               what="the first Ctrl-C's notice")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=600) == 130, process.stderr_path.read_text()[-3000:]
+  finally:
+    process.kill()
+  stderr = process.stderr_path.read_text()
+  assert "Traceback" not in stderr, stderr[-3000:]
+  assert error_lines(stderr) == ["error: interrupted (Ctrl-C): stopped at once, without saving; "
+                                 "the same command resumes from the last complete checkpoint"]
+  assert "Stopped by Ctrl-C" not in process.stdout_path.read_text()
+  assert not complete_steps(workdir)
 
 
 def free_port():
@@ -167,7 +212,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
             "distributed.num_processes": 2, "distributed.process_id": pid}
     processes.append(start_train(workdir, tmp_path / f"log{pid}", overrides={**RUN, **dist}))
   try:
-    wait_until(lambda: "step 5:" in processes[0].stdout_path.read_text(), processes[0],
+    wait_until(lambda: "step 5/" in processes[0].stdout_path.read_text(), processes[0],
                what="step 5")
     processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
     for process in processes:
@@ -175,7 +220,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   finally:
     for process in processes:
       process.kill()
-  steps = [int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", p.stdout_path.read_text()).group(1))
+  steps = [int(re.search(r"Stopped by SIGTERM at step (\d+)", p.stdout_path.read_text()).group(1))
            for p in processes]
   assert steps[0] == steps[1] and 5 < steps[0] < TOTAL_STEPS
   assert complete_steps(workdir)[-1] == steps[0] and not partial_saves(workdir)

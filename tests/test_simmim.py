@@ -1,4 +1,4 @@
-"""Mask tokens before the encoder (SimMIM / seed 002): masking, loss, decoders, a digits run."""
+"""Mask tokens before the encoder (SimMIM form, and an MAE-style variant): masking, loss, decoders, a digits run."""
 import math
 
 import jax
@@ -113,8 +113,8 @@ def test_model_loss_is_simmim_l1_over_masked_pixels_with_a_linear_head():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
-def test_seed002_variant_is_mse_random_patches_and_a_transformer_decoder():
-  config = load_config("simmim", "variant=seed002")
+def test_mae_style_variant_is_mse_random_patches_and_a_transformer_decoder():
+  config = load_config("simmim", "variant=mae_style")
   assert (config.simmim.masking, config.simmim.mask_ratio, config.simmim.decoder,
           config.simmim.loss) == ("patches", 0.75, "transformer", "mse")
   with pytest.raises(ValueError, match="variant"):
@@ -125,13 +125,13 @@ def test_seed002_variant_is_mse_random_patches_and_a_transformer_decoder():
   batch = trainer.sample_batch(config, 2)
   params = jax.eval_shape(model.init, RNGS(), batch)["params"]["decoder"]
   assert set(params) == {"decoder_embed", "decoder_blocks_0", "decoder_norm", "decoder_pred"}
-  assert "decoder_pos_embed" not in params and "mask_token" not in params  # seed 002: none
+  assert "decoder_pos_embed" not in params and "mask_token" not in params  # none in this variant
 
 
-@pytest.mark.parametrize("variant", ["simmim", "seed002"])
+@pytest.mark.parametrize("variant", ["simmim", "mae_style"])
 def test_simmim_trains_on_digits(tmp_path, variant):
   overrides = {"stop_at_step": 3, "log_every_steps": 3, "model.depth": 1}
-  if variant == "seed002":
+  if variant == "mae_style":
     overrides.update({"simmim.masking": "patches", "simmim.mask_ratio": 0.75,
                       "simmim.decoder": "transformer", "simmim.loss": "mse"})
   summary = trainer.train_and_evaluate(tiny_config("simmim", **overrides), str(tmp_path))

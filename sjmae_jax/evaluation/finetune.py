@@ -18,7 +18,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from sjmae_jax import checkpointing, data, optim, sharding
+from sjmae_jax import checkpointing, data, optim, paths, sharding
 from sjmae_jax.evaluation import common, layer_decay, mixup
 
 
@@ -84,7 +84,8 @@ def _validate(config):
 def run(config, workdir: str) -> dict:
   """Fine-tune `config.init_from` as `config` says; resumes from WORKDIR/checkpoints."""
   _validate(config)
-  workdir = epath.Path(workdir)
+  config = paths.with_absolute_paths(config)
+  workdir = epath.Path(paths.absolute(workdir))
   started = time.time()
   mesh = common.make_mesh(config)
   info = data.dataset_info(config.data)

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from sjmae_jax import data, optim, sharding
+from sjmae_jax import data, optim, paths, sharding
 from sjmae_jax.evaluation import common
 from sjmae_jax.evaluation.lars import lars
 from sjmae_jax.models.vit import timm_trunc_normal
@@ -86,7 +86,8 @@ def _validate(config):
 def run(config, workdir: str) -> dict:
   """Linear-probe `config.init_from` as `config` says; writes results.json in `workdir`."""
   _validate(config)
-  workdir = epath.Path(workdir)
+  config = paths.with_absolute_paths(config)
+  workdir = epath.Path(paths.absolute(workdir))
   started = time.time()
   mesh = common.make_mesh(config)
   info = data.dataset_info(config.data)

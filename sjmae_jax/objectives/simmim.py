@@ -1,4 +1,4 @@
-"""Mask tokens before the encoder: SimMIM (Xie et al. 2022) and the method seed 002 describes.
+"""Mask tokens before the encoder: SimMIM (Xie et al. 2022) and an MAE-style variant.
 
 A learnable mask token replaces the patch embedding of every masked patch BEFORE the position
 embedding; the full-length encoder runs over all patches; a light decoder predicts the pixels of
@@ -6,7 +6,7 @@ every patch; the loss counts masked pixels only.
   SimMIM (microsoft/SimMIM):  mask units of 32 px, ratio 0.6; linear head (a 1x1 conv + pixel
       shuffle, i.e. one Linear(D, p*p*C) per patch token); L1 on the normalised pixels:
       sum |x - x^| m / (sum m + 1e-5) / C, m the pixel-level mask.
-  seed 002:  random patches, ratio 0.75; a transformer decoder without position embedding or
+  mae_style: random patches, ratio 0.75; a transformer decoder without position embedding or
       mask tokens (Linear-blocks-LayerNorm-Linear); MSE on the masked pixels.
 Params: {'encoder': VisionTransformer with `mask_token`, 'decoder'}.
 """

@@ -1,4 +1,4 @@
-"""SSAT (seed 004; dominickrei/Limited-data-vits) and its FGCR extension (JAMESKirkQI/FGCR).
+"""SSAT (dominickrei/Limited-data-vits) and its FGCR extension (JAMESKirkQI/FGCR).
 
 Supervised classification with an MAE auxiliary task on the same encoder, two passes per step:
   the full image -> encoder -> cls (after the final norm) -> head -> cross-entropy with label

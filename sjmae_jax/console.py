@@ -1,0 +1,131 @@
+"""What a run prints: a live progress line on a terminal, plain lines otherwise, and quiet logs.
+
+On a terminal the last line is redrawn in place (step/total, epoch, img/s, loss, ETA) a few times
+a second; anything else printed meanwhile goes above it. When stdout is a file or a pipe (CI,
+SLURM, nohup) the same facts come as one plain line every `log_every_steps` steps.
+"""
+import logging
+import sys
+import time
+
+from absl import logging as absl_logging
+
+# Libraries whose INFO/WARNING chatter (Orbax's per-save lines, TFDS's preparation, etils) is hidden
+# unless --verbosity asks for it; their errors always show.
+QUIET_LOGGERS = ("orbax", "tensorflow_datasets", "etils", "grain", "absl")
+QUIET_MODULE_PATHS = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/", "/clu/")
+
+
+class _ThirdPartyBelowError(logging.Filter):
+  """Drops records below ERROR that come from the libraries of QUIET_MODULE_PATHS (they all log
+  through absl's one logger, so only the source file tells them apart)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.ERROR or not any(
+        part in record.pathname for part in QUIET_MODULE_PATHS)
+
+
+def quiet_logs() -> None:
+  """Default console: our own warnings, the libraries' errors; no INFO lines."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _ThirdPartyBelowError) for f in handler.filters):
+    handler.addFilter(_ThirdPartyBelowError())
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  minutes, seconds = divmod(seconds, 60)
+  if minutes < 60:
+    return f"{minutes}m{seconds:02d}s"
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+  """Progress of a loop from start_step to end_step (default total_steps).
+
+  `step(step)` after every step (cheap: no device sync; redraws at most `redraw_seconds` apart
+  on a terminal); `metrics(step, scalars)` when metrics were fetched (every log_every_steps):
+  a plain line off a terminal, the loss shown in the live line on one; `print(text)` for any
+  other line. Throughput and ETA are measured from the second step on (the first compiles).
+  """
+
+  def __init__(self, total_steps: int, start_step: int, *, steps_per_epoch: int,
+               examples_per_step: int, end_step: int | None = None, stream=None,
+               live: bool | None = None, redraw_seconds: float = 0.25):
+    self.stream = stream or sys.stdout
+    self.live = self.stream.isatty() if live is None else live
+    self.total_steps = total_steps
+    self.end_step = end_step or total_steps  # where this run stops (stop_at_step), for the ETA
+    self.steps_per_epoch = steps_per_epoch
+    self.examples_per_step = examples_per_step
+    self.redraw_seconds = redraw_seconds
+    self._timed_from = None  # (step, time) of the first finished step
+    self._last_draw = 0.0
+    self._line_shown = False
+    self._step = start_step
+    self._loss = None
+
+  def step(self, step: int) -> None:
+    self._step = step
+    now = time.monotonic()
+    if self._timed_from is None:
+      self._timed_from = (step, now)
+    if self.live and now - self._last_draw >= self.redraw_seconds:
+      self._draw(now)
+
+  def metrics(self, step: int, scalars: dict) -> None:
+    self._loss = scalars.get("loss")
+    if self.live:
+      self._draw(time.monotonic())
+    else:
+      self._write(self.status(step) + "\n")
+
+  def print(self, text: str) -> None:
+    if self._line_shown:
+      self._write("\r\033[K")
+      self._line_shown = False
+    self._write(text + "\n")
+    if self.live:
+      self._draw(time.monotonic())
+
+  def close(self) -> None:
+    if self._line_shown:
+      self._write("\r\033[K")
+      self._line_shown = False
+
+  def rate(self, now: float | None = None) -> float | None:
+    """Steps per second since the first finished step (None until two steps are done)."""
+    if self._timed_from is None:
+      return None
+    first_step, first_time = self._timed_from
+    now = time.monotonic() if now is None else now
+    if self._step <= first_step or now <= first_time:
+      return None
+    return (self._step - first_step) / (now - first_time)
+
+  def status(self, step: int, now: float | None = None) -> str:
+    """'step 120/660: loss 7.1234 | epoch 11.0/60 | 512 img/s | ETA 3m10s'."""
+    parts = [f"step {step}/{self.total_steps}:" + (f" loss {self._loss:.4f}" if self._loss is not None
+                                                   else "")]
+    epochs = self.total_steps / self.steps_per_epoch
+    parts.append(f"epoch {step / self.steps_per_epoch:.1f}/{epochs:g}")
+    rate = self.rate(now)
+    if rate:
+      parts.append(f"{rate * self.examples_per_step:,.0f} img/s")
+      parts.append(f"ETA {duration((self.end_step - step) / rate)}")
+    return " | ".join(parts)
+
+  def _draw(self, now: float) -> None:
+    self._last_draw = now
+    self._write("\r\033[K" + self.status(self._step, now))
+    self._line_shown = True
+
+  def _write(self, text: str) -> None:
+    self.stream.write(text)
+    self.stream.flush()

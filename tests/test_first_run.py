@@ -1,0 +1,122 @@
+"""The first run as a new user types it: README.md's main command (read from README.md itself) from
+a fresh checkout with a relative --workdir, a rerun of the finished run, and the evaluators and the
+export with paths relative to a directory that is not the repository root."""
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+SHORT_RUN = "--config.stop_at_step=12"  # one epoch of digits and a step: checkpoints 1 and 12
+CODE = ("train.py", "eval_linprobe.py", "eval_finetune.py", "configs", "sjmae_jax")
+
+
+def readme_main_command() -> list:
+  """The `python train.py ...` part of the first command in README.md's first bash block."""
+  readme = (REPO / "README.md").read_text()
+  block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+  line = next(line for line in block.splitlines() if "python train.py" in line)
+  command = line.split("&&")[-1].strip()
+  assert command.startswith("python train.py "), line
+  return shlex.split(command)
+
+
+def run(args, cwd, code=None, timeout=600):
+  """`args` in `cwd`, importing sjmae_jax from `code` (default: cwd)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(code or cwd))
+  return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(directory) -> dict:
+  return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+          for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+  """The repository's code in a fresh directory: no runs/, nothing prepared beside it."""
+  root = tmp_path_factory.mktemp("checkout")
+  for name in CODE:
+    source = REPO / name
+    if source.is_dir():
+      shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+      shutil.copy(source, root / name)
+  return root
+
+
+@pytest.fixture(scope="module")
+def readme_run(checkout):
+  """README's main command, typed in the checkout's root, with a short-run override appended."""
+  args = readme_main_command()
+  workdir_arg = next(arg for arg in args if arg.startswith("--workdir")).split("=", 1)[-1]
+  if workdir_arg == "--workdir":
+    workdir_arg = args[args.index("--workdir") + 1]
+  assert not os.path.isabs(workdir_arg)  # the README uses a relative workdir, as users do
+  result = run([sys.executable, *args[1:], SHORT_RUN], checkout)
+  return args, result, checkout / workdir_arg
+
+
+def test_readme_main_command_works_as_typed_and_a_rerun_changes_nothing(readme_run, checkout):
+  args, result, workdir = readme_run
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert (workdir / "checkpoints" / "12").is_dir() and (workdir / "checkpoints" / "1").is_dir()
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["step"] == 12 and math.isfinite(summary["loss"])
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("sjmae pretraining: ViT")  # what runs, first
+  assert "from step 0" in lines[1] and "global batch 128" in lines[1]
+  assert any(line.strip() == f"TensorBoard:  tensorboard --logdir "
+             f"{os.path.relpath(workdir / 'tensorboard', checkout)}" for line in lines[-5:])
+  assert len(lines) < 15 and len(result.stderr.splitlines()) < 10  # a quiet console
+  assert "parameters.txt" in lines[1] and "decoder" in (workdir / "parameters.txt").read_text()
+
+  before = snapshot(workdir)
+  again = run([sys.executable, *args[1:], SHORT_RUN], checkout)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already complete at step 12" in again.stdout
+  assert snapshot(workdir) == before  # summary.json, checkpoints, event files: all unchanged
+
+
+def test_evaluators_and_export_take_paths_relative_to_the_current_directory(readme_run, tmp_path):
+  _, result, pretrained = readme_run
+  assert result.returncode == 0, result.stderr[-3000:]
+  cwd = tmp_path / "elsewhere"  # neither the repository root nor the checkout
+  cwd.mkdir()
+  init_from = os.path.relpath(pretrained, cwd)
+  assert init_from.startswith("..")
+  code = pretrained.parent.parent
+
+  probe = run([sys.executable, str(code / "eval_linprobe.py"),
+               f"--config={os.path.relpath(code / 'configs/linprobe.py', cwd)}",
+               "--workdir=runs/probe", f"--config.init_from={init_from}", "--config.mode=fast",
+               "--config.epochs=2"], cwd)
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  results = json.loads((cwd / "runs/probe/results.json").read_text())
+  assert 0.0 <= results["fast_top1"] <= 1.0
+  assert results["config"]["init_from"] == str(pretrained)  # resolved against the cwd
+
+  tune = run([sys.executable, str(code / "eval_finetune.py"),
+              f"--config={code / 'configs/finetune.py'}", "--workdir=runs/ft",
+              f"--config.init_from={init_from}", "--config.epochs=1"], cwd)
+  assert tune.returncode == 0, tune.stderr[-3000:]
+  assert (cwd / "runs/ft/results.json").exists() and (cwd / "runs/ft/checkpoints").is_dir()
+
+  export = run([sys.executable, "-m", "sjmae_jax.export", f"--workdir={init_from}",
+                "--out=exports/encoder.safetensors"], cwd, code)
+  assert export.returncode == 0, export.stderr[-3000:]
+  assert (cwd / "exports/encoder.safetensors").exists() and (cwd / "exports/encoder.json").exists()
+
+  missing = run([sys.executable, "-m", "sjmae_jax.export", "--workdir=runs/nothing",
+                 "--out=exports/x.safetensors"], cwd, code)
+  assert missing.returncode == 2 and "Traceback" not in missing.stderr
+  assert missing.stderr.strip().splitlines()[-1].startswith("error: ")
