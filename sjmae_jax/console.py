@@ -66,7 +66,7 @@ class Progress:
     self.examples_per_step = examples_per_step
     self.redraw_seconds = redraw_seconds
     self._timed_from = None  # (step, time) of the first finished step
-    self._last_draw = 0.0
+    self._last_draw = -float("inf")
     self._line_shown = False
     self._step = start_step
     self._loss = None
@@ -111,8 +111,8 @@ class Progress:
 
   def status(self, step: int, now: float | None = None) -> str:
     """'step 120/660: loss 7.1234 | epoch 11.0/60 | 512 img/s | ETA 3m10s'."""
-    parts = [f"step {step}/{self.total_steps}:" + (f" loss {self._loss:.4f}" if self._loss is not None
-                                                   else "")]
+    parts = [f"step {step}/{self.total_steps}" + (f": loss {self._loss:.4f}"
+                                                  if self._loss is not None else "")]
     epochs = self.total_steps / self.steps_per_epoch
     parts.append(f"epoch {step / self.steps_per_epoch:.1f}/{epochs:g}")
     rate = self.rate(now)

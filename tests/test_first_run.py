@@ -120,3 +120,46 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
                  "--out=exports/x.safetensors"], cwd, code)
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert missing.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval_linprobe.py", "eval_finetune.py"])
+def test_help_lists_the_flags_and_exits_0(script):
+  result = run([sys.executable, str(REPO / script), "--help"], REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for flag in ("--config:", "--workdir:", "--verbosity:", "--config.KEY=VALUE"):
+    assert flag in result.stdout
+
+
+def test_the_package_builds_with_its_dependencies_and_console_scripts(tmp_path):
+  """What `pip install .` installs: every sjmae_jax module, requirements.txt as its dependencies
+  (requirements-tf.txt as the `tf` extra), and the console scripts pointing at real functions."""
+  import importlib
+  import zipfile
+  result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (wheel,) = tmp_path.glob("sjmae_jax-*.whl")
+  with zipfile.ZipFile(wheel) as archive:
+    names = set(archive.namelist())
+    metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+  modules = {str(p.relative_to(REPO)) for p in (REPO / "sjmae_jax").rglob("*.py")}
+  assert modules <= names, sorted(modules - names)
+
+  def requirements(name):
+    lines = (REPO / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+  requires = [line[len("Requires-Dist: "):] for line in metadata.splitlines()
+              if line.startswith("Requires-Dist: ")]
+  plain = [r for r in requires if "extra ==" not in r]
+  assert sorted(r.replace(" ", "") for r in plain) == sorted(
+      r.replace(" ", "") for r in requirements("requirements.txt"))
+  assert all(any(r.startswith(req.split(">")[0].split("=")[0]) for r in requires if "extra ==" in r)
+             for req in requirements("requirements-tf.txt"))
+  scripts = dict(line.split(" = ") for line in entry_points.splitlines() if " = " in line)
+  assert set(scripts) == {"sjmae-train", "sjmae-linprobe", "sjmae-finetune", "sjmae-export",
+                          "sjmae-plan"}
+  for target in scripts.values():
+    module, function = target.split(":")
+    assert callable(getattr(importlib.import_module(module), function)), target

@@ -106,3 +106,23 @@ def test_stop_policy_applies_and_counts_the_poisoned_step():
   _, (after_poison, metrics), _ = poisoned_steps(False)
   assert int(after_poison["nonfinite_steps"]) == 1 and int(metrics["nonfinite_steps"]) == 1
   assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after_poison["params"]))
+
+
+def test_a_run_too_large_for_the_device_stops_before_compiling_naming_estimate_and_knobs(tmp_path):
+  from tests.helpers import load_config
+  from sjmae_jax import plan
+  config = load_config("mae", "img=224,model=vit_base")  # digits upsampled to 224 px
+  config.batch_size = 1024
+  capacity = plan.device_memory_bytes(jax.local_devices()[0])
+  assert capacity and capacity >= 2 ** 30  # this host's memory, shared by its CPU devices
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as raised:
+    trainer.train_and_evaluate(config, str(workdir))
+  message = str(raised.value)
+  assert "\n" not in message
+  estimate = float(re.search(r"needs about ([\d.]+) GiB per device", message).group(1))
+  assert estimate > capacity / 2 ** 30
+  for knob in ("--config.batch_size (1024)", "--config.grad_accum_steps (1)",
+               "--config.mesh.fsdp (1)", "--config.model.remat=True"):
+    assert knob in message
+  assert not workdir.exists()
