@@ -13,6 +13,8 @@ def get_config(arg=None):
   config = config_lib.pretrain_config(arg, method="can", views=("simclr", "simclr"))
   if config.arg.data != "digits":  # the official command: blr 2.5e-4 (warmup 40, as MAE)
     config.blr = 2.5e-4
+  # main_pretrain.py: torchvision's RandomResizedCrop default, bilinear (MAE's is bicubic).
+  config.data.recipes.simclr.interpolation = "bilinear"
   config.can = dict(
       mask_ratio=0.75,        # official code; the paper uses 0.5
       norm_pix_loss=False,    # the official command runs without it; MAE's default is True

@@ -14,6 +14,8 @@ def get_config(arg=None):
   on_digits = config.arg.data == "digits"
   if not on_digits:  # the official recipe (configs/sjmae/*): blr 2e-3, 400 epochs, warmup 10
     config.blr, config.epochs, config.warmup_epochs = 2e-3, 400, 10.0
+  # util/datasets.py (siam_augment): torchvision's RandomResizedCrop default, bilinear.
+  config.data.recipes.simclr.interpolation = "bilinear"
   config.sjmae = dict(
       mask_ratio=0.75,            # reconstruction pass
       mask_ratio_jigsaw=0.75,     # jigsaw pass removes this fraction (keeps 25%)

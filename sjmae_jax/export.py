@@ -10,7 +10,11 @@
       model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)
   works without other code.
 --format mae: encoder + decoder with facebookresearch/mae MaskedAutoencoderViT key names; FILE.json
-  holds {"format": "mae", "mae_model": <models_mae factory name or null>, "mae_kwargs": {...}}.
+  holds {"format": "mae", "mae_model": <models_mae factory name or null>, "mae_kwargs": {...},
+  "norm_eps": 1e-6}, so that
+      model = MaskedAutoencoderViT(**info["mae_kwargs"],
+                                   norm_layer=functools.partial(nn.LayerNorm, eps=info["norm_eps"]))
+  is exact at any size (MaskedAutoencoderViT's default norm_layer has eps 1e-5).
 Writing needs no torch. --workdir and --out may be gs:// paths.
 """
 import argparse
@@ -52,7 +56,8 @@ def export_params(params: Mapping, out_path, *, num_heads: int, export_format: s
     state_dict = mae_interop.mae_to_torch(params)
     name, kwargs = mae_interop.mae_model_args(state_dict, num_heads=num_heads,
                                               decoder_num_heads=decoder_num_heads)
-    info = {"format": "mae", "mae_model": name, "mae_kwargs": kwargs}
+    info = {"format": "mae", "mae_model": name, "mae_kwargs": kwargs,
+            "norm_eps": mae_interop.NORM_EPS}
   else:
     raise ValueError(f"unknown export format {export_format!r}; expected 'timm' or 'mae'")
   epath.Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,14 @@ def base_learning_rate(config) -> float:
   return config.blr * config.batch_size / 256
 
 
-def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0):
-  """Per-step linear warmup from 0 then half-cosine to min_lr (util/lr_sched.py of MAE, per step)."""
+def warmup_cosine(peak_lr: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0):
+  """Per-step linear warmup from 0 then half-cosine to min_lr: MAE's util/lr_sched.py, which sets
+  the lr of every step from the fractional epoch step / steps_per_epoch. `warmup_steps` may be
+  fractional (warmup_epochs x steps_per_epoch, not rounded)."""
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * step / max(warmup_steps, 1)
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    warm = peak_lr * step / warmup_steps if warmup_steps > 0 else peak_lr
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1e-6)
     cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0, 1)))
     return jnp.where(step < warmup_steps, warm, cosine)
   return schedule
@@ -42,8 +44,8 @@ def frozen_labels(params, frozen_patterns):
 def make_optimizer(config, steps_per_epoch: int):
   """Returns (optax transformation, schedule). Schedules count optimizer steps."""
   total = config.epochs * steps_per_epoch
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  schedule = warmup_cosine(base_learning_rate(config), warmup, total, config.get("min_lr", 0.0))
+  schedule = warmup_cosine(base_learning_rate(config), config.warmup_epochs * steps_per_epoch,
+                           total, config.get("min_lr", 0.0))
   opt = config.optim
   adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.get("eps", 1e-8),
                       weight_decay=opt.weight_decay, mask=decay_mask)

@@ -127,6 +127,11 @@ def test_linear_probe_head_is_bn_without_affine_and_a_small_linear_layer():
   kernel = np.asarray(variables["params"]["head"]["kernel"])
   assert abs(kernel.std() - 0.01) < 0.0007 and abs(kernel.mean()) < 0.0007
   assert not np.asarray(variables["params"]["head"]["bias"]).any()
+  # torch.nn.BatchNorm1d: the running variance takes the UNBIASED batch variance (momentum 0.1).
+  features = np.random.default_rng(0).normal(size=(4, 192)).astype(np.float32)
+  _, updated = head.apply(variables, features, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(updated["batch_stats"]["bn"]["var"],
+                             0.9 + 0.1 * features.astype(np.float64).var(0, ddof=1), rtol=1e-5)
 
 
 def test_finetune_on_digits_keeps_best_and_last_and_resumes(pretrained, tmp_path):

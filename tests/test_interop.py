@@ -407,6 +407,98 @@ def test_mae_decoder_export_matches_a_torch_decoder(timm):
   assert diff < TOLERANCE
 
 
+def masked_autoencoder_vit_class():
+  """A stand-in for models_mae.MaskedAutoencoderViT (not vendored): the same constructor arguments
+  and defaults (norm_layer=nn.LayerNorm, i.e. eps 1e-5, as the factories override) and module
+  names, written from its architecture with timm's PatchEmbed and Block. forward_encoder takes the
+  kept patch ids instead of drawing them."""
+  import torch
+  from timm.models.vision_transformer import Block, PatchEmbed
+
+  class MaskedAutoencoderViT(torch.nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
+                 num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=torch.nn.LayerNorm, norm_pix_loss=False):
+      super().__init__()
+      self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+      num_patches = self.patch_embed.num_patches
+      self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
+      self.pos_embed = torch.nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
+                                          requires_grad=False)
+      self.blocks = torch.nn.ModuleList([
+          Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+          for _ in range(depth)])
+      self.norm = norm_layer(embed_dim)
+      self.decoder_embed = torch.nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+      self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+      self.decoder_pos_embed = torch.nn.Parameter(
+          torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+      self.decoder_blocks = torch.nn.ModuleList([
+          Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                norm_layer=norm_layer) for _ in range(decoder_depth)])
+      self.decoder_norm = norm_layer(decoder_embed_dim)
+      self.decoder_pred = torch.nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+    def forward_encoder(self, x, ids_keep):
+      x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+      x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+      cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+      x = torch.cat([cls, x], dim=1)
+      for block in self.blocks:
+        x = block(x)
+      return self.norm(x)
+
+    def forward_decoder(self, x, ids_restore):
+      x = self.decoder_embed(x)
+      fill = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+      patches = torch.cat([x[:, 1:, :], fill], dim=1)
+      patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
+      x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
+      for block in self.decoder_blocks:
+        x = block(x)
+      return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+  return MaskedAutoencoderViT
+
+
+def test_mae_export_loads_as_documented_and_matches_at_a_nonstandard_size(timm, tmp_path):
+  """docs/interop.md's load of a `--format mae` export of a non-standard size (no factory name):
+  MaskedAutoencoderViT(**mae_kwargs, norm_layer=partial(LayerNorm, eps=norm_eps)). Without the
+  recorded eps the model's default LayerNorm (eps 1e-5) moves the latent by ~3e-3."""
+  import torch
+  from safetensors.torch import load_file
+  params = mae_pretraining_params()
+  out = tmp_path / "mae.safetensors"
+  export_params(params, out, num_heads=3, export_format="mae", decoder_num_heads=4)
+  with open(sidecar_path(out)) as f:
+    info = json.load(f)
+  assert info["mae_model"] is None
+  MaskedAutoencoderViT = masked_autoencoder_vit_class()
+  model = MaskedAutoencoderViT(**info["mae_kwargs"],
+                               norm_layer=functools.partial(torch.nn.LayerNorm,
+                                                            eps=info["norm_eps"]))
+  model.load_state_dict(load_file(str(out)), strict=True)
+  model.eval()
+
+  x = images(batch=2)
+  noise = np.random.default_rng(5).random((2, 64))
+  keep_ids = np.argsort(noise, axis=1)[:, :16]
+  ids_restore = np.argsort(np.argsort(noise, axis=1), axis=1)
+  encoder = VisionTransformer(**dict(TINY, depth=2))
+  latent = np.asarray(jax.jit(lambda p, x, k: encoder.apply({"params": p}, x, keep_ids=k))(
+      params["encoder"], x, keep_ids))
+  decoder = MAEDecoder(num_patches=64, out_dim=48, embed_dim=64, depth=2, num_heads=4)
+  pred = forward(decoder, params["decoder"], latent, ids_restore)
+  with torch.no_grad():
+    torch_latent = model.forward_encoder(to_nchw(x), torch.from_numpy(keep_ids)).numpy()
+    torch_pred = model.forward_decoder(torch.from_numpy(latent),
+                                       torch.from_numpy(ids_restore)).numpy()
+  print(f"MAE export as documented: latent max diff {max_abs_diff(latent, torch_latent):.2e}, "
+        f"prediction {max_abs_diff(pred, torch_pred):.2e}")
+  assert max_abs_diff(latent, torch_latent) < TOLERANCE
+  assert max_abs_diff(pred, torch_pred) < TOLERANCE
+
+
 def test_mae_export_rejects_a_per_slot_mask_token():
   params = dict(mae_pretraining_params())
   decoder = dict(params["decoder"], mask_token=np.zeros((1, 48, 64), np.float32))
@@ -450,7 +542,8 @@ def test_mae_export_then_import_gives_identical_params(tmp_path):
   info = export_params(params, out, num_heads=3, export_format="mae", decoder_num_heads=4)
   assert info == {"format": "mae", "mae_model": None, "mae_kwargs": dict(
       img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=2, num_heads=3,
-      decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0)}
+      decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0),
+      "norm_eps": 1e-6}
   loaded = load_pretrained(out, img_size=32, patch_size=4)
   assert_trees_equal(loaded, {"encoder": params["encoder"], "decoder": params["decoder"]})
   assert_trees_equal(mae_interop.torch_mae_to_params(read_state_dict(out)), loaded)

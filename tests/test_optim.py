@@ -19,7 +19,7 @@ def test_warmup_cosine_schedule_matches_mae_formula():
 
 def make_config(**kw):
   return ml_collections.ConfigDict(dict(
-      epochs=2, warmup_epochs=1, blr=1e-3, lr=0.0, min_lr=0.0, batch_size=512,
+      epochs=2, warmup_epochs=1.0, blr=1e-3, lr=0.0, min_lr=0.0, batch_size=512,
       optim=dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5, clip_grad_norm=0.0,
                  frozen_params=(".*pos_embed",)), **kw))
 
@@ -47,3 +47,41 @@ def test_weight_decay_mask_and_frozen_params():
   big_grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(big_grads, state, params)
   assert np.all(np.asarray(updates["encoder"]["pos_embed"]) == 0)
+
+
+def mae_lr_at(epoch, peak, min_lr, warmup_epochs, epochs):
+  """facebookresearch/mae util/lr_sched.py adjust_learning_rate, called with the fractional epoch
+  data_iter_step / len(data_loader) + epoch at every optimizer step."""
+  if epoch < warmup_epochs:
+    return peak * epoch / warmup_epochs
+  return min_lr + (peak - min_lr) * 0.5 * (
+      1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_fractional_warmup_is_exact_in_pretraining_probe_and_finetune():
+  """warmup 0.5 epochs of 5 steps = 2.5 steps: step 2 is still warming up (0.8 x peak), not at the
+  peak as a warmup rounded to 2 steps would be; the cosine starts at epoch 0.5, not 0.4."""
+  from sjmae_jax.evaluation import finetune, linear_probe
+  from tests.helpers import load_config
+  steps_per_epoch, epochs, warmup_epochs = 5, 3, 0.5
+  pretrain = make_config()
+  pretrain.epochs, pretrain.warmup_epochs, pretrain.min_lr = epochs, warmup_epochs, 1e-5
+  _, pretrain_schedule = optim.make_optimizer(pretrain, steps_per_epoch)
+  schedules = {"pretrain": (pretrain_schedule, pretrain)}
+  for name, module in (("finetune", finetune), ("linprobe", linear_probe)):
+    config = load_config(name)
+    config.unlock()
+    config.epochs, config.warmup_epochs, config.lr, config.min_lr = epochs, warmup_epochs, 0.1, 1e-4
+    if name == "finetune":
+      params = {"encoder": {"blocks_0": {"kernel": jnp.ones((2, 2))}}, "head": {"bias": jnp.ones(2)}}
+      _, schedule = module.make_optimizer(config, params, 1, steps_per_epoch)
+    else:
+      _, schedule = module.make_optimizer(config, steps_per_epoch)
+    schedules[name] = (schedule, config)
+  for name, (schedule, config) in schedules.items():
+    peak = optim.base_learning_rate(config)
+    expected = [mae_lr_at(step / steps_per_epoch, peak, config.min_lr, warmup_epochs, epochs)
+                for step in range(epochs * steps_per_epoch)]
+    got = [float(schedule(step)) for step in range(epochs * steps_per_epoch)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(got[2], 0.8 * peak, rtol=1e-6, err_msg=name)

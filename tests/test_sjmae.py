@@ -200,6 +200,31 @@ def test_per_slot_mask_token_is_tied_to_the_mask_ratio():
   assert np.isfinite(loss)
 
 
+def test_predictor_batchnorm_keeps_pytorchs_unbiased_running_variance():
+  """torch.nn.BatchNorm1d (the official predictor's) normalises a training batch with its biased
+  variance but adds the UNBIASED one (x n / (n - 1)) to the running variance (momentum 0.1);
+  evaluation normalises with the running statistics."""
+  from sjmae_jax.models.heads import Predictor
+  rng = np.random.default_rng(0)
+  x = (3.0 * rng.normal(size=(6, 16)) + 1.0).astype(np.float32)
+  pred = Predictor(8)
+  variables = pred.init(jax.random.PRNGKey(0), x, train=False)
+  params = jax.tree.map(np.asarray, variables["params"])
+  out, updated = pred.apply(variables, x, train=True, mutable=["batch_stats"])
+  stats = jax.tree.map(np.asarray, updated["batch_stats"]["bn"])
+  h = x.astype(np.float64) @ params["fc1"]["kernel"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
+  head = lambda z: (np.maximum(z * params["bn"]["scale"] + params["bn"]["bias"], 0)
+                    @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+  np.testing.assert_allclose(out, head((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)), rtol=1e-4,
+                             atol=1e-5)
+  evaluated = pred.apply({"params": variables["params"], "batch_stats": updated["batch_stats"]},
+                         x, train=False)
+  np.testing.assert_allclose(
+      evaluated, head((h - stats["mean"]) / np.sqrt(stats["var"] + 1e-5)), rtol=1e-4, atol=1e-5)
+
+
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

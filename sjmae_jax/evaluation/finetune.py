@@ -25,7 +25,7 @@ from sjmae_jax.evaluation import common, layer_decay, mixup
 def make_optimizer(config, params, depth: int, steps_per_epoch: int):
   total = config.epochs * steps_per_epoch
   schedule = optim.warmup_cosine(optim.base_learning_rate(config),
-                                 int(round(config.warmup_epochs * steps_per_epoch)), total,
+                                 config.warmup_epochs * steps_per_epoch, total,
                                  config.min_lr)
   opt = config.optim
   parts = []

@@ -27,6 +27,7 @@ from etils import epath
 from sjmae_jax import data, optim, paths, sharding
 from sjmae_jax.evaluation import common
 from sjmae_jax.evaluation.lars import lars
+from sjmae_jax.models.heads import BatchNorm
 from sjmae_jax.models.vit import timm_trunc_normal
 
 MODES = ("fast", "full", "both")
@@ -39,8 +40,7 @@ class ProbeHead(nn.Module):
 
   @nn.compact
   def __call__(self, features, *, train: bool):
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False,
-                     use_scale=False, name="bn")(features.astype(jnp.float32))
+    x = BatchNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="bn")(features, train=train)
     return nn.Dense(self.num_classes, kernel_init=timm_trunc_normal(self.init_std), name="head")(x)
 
 
@@ -70,7 +70,7 @@ def make_head_step(head, tx, schedule):
 def make_optimizer(config, steps_per_epoch: int):
   total = config.epochs * steps_per_epoch
   schedule = optim.warmup_cosine(optim.base_learning_rate(config),
-                                 int(round(config.warmup_epochs * steps_per_epoch)), total,
+                                 config.warmup_epochs * steps_per_epoch, total,
                                  config.min_lr)
   tx = lars(schedule, momentum=config.lars.momentum,
             trust_coefficient=config.lars.trust_coefficient, weight_decay=config.weight_decay)

@@ -13,6 +13,11 @@ from sjmae_jax.interop.resample import resample_pos_embed
 from sjmae_jax.interop.timm import (block_shapes, count_blocks, encoder_geometry, encoder_to_timm,
                                     grid_of, timm_to_encoder)
 
+# LayerNorm eps of every norm in our encoder and decoder, and of models_mae.py's factories
+# (partial(nn.LayerNorm, eps=1e-6)); MaskedAutoencoderViT's own default norm_layer is
+# nn.LayerNorm (eps 1e-5), so a non-standard size must be built with this eps (docs/interop.md).
+NORM_EPS = 1e-6
+
 # Reference model factories of models_mae.py: name -> (embed_dim, depth, num_heads, patch_size),
 # all with decoder 512 wide, 8 deep, 16 heads.
 MAE_MODELS = {

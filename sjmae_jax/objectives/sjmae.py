@@ -59,10 +59,12 @@ class SJMAE(nn.Module):
     """Pass-1 tokens (pos embed, MAE mask) and pass-2 tokens (no pos embed, jigsaw mask)."""
     cfg = self.config.sjmae
     n, num_patches = view1.shape[0], self.encoder.num_patches
-    recon = random_masking(self.make_rng("masking"), n, num_patches, cfg.mask_ratio)
+    # SJ-MAE's code keeps int(round(L * (1 - ratio))) patches in both passes (MAE: int(...)).
+    recon = random_masking(self.make_rng("masking"), n, num_patches, cfg.mask_ratio, "round")
     need_pass1 = "mae" in self.active or "contrastive" in self.active
     need_pass2 = "jigsaw" in self.active or "contrastive" in self.active
-    jig = random_masking(self.make_rng("masking"), n, num_patches, cfg.mask_ratio_jigsaw) if need_pass2 else None
+    jig = (random_masking(self.make_rng("masking"), n, num_patches, cfg.mask_ratio_jigsaw, "round")
+           if need_pass2 else None)
     if need_pass1 and need_pass2 and cfg.batch_passes and recon.keep_ids.shape == jig.keep_ids.shape:
       tokens = self.encoder(jnp.concatenate([view1, view2]),
                             keep_ids=jnp.concatenate([recon.keep_ids, jig.keep_ids]),
