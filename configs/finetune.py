@@ -22,6 +22,9 @@ def get_config(arg=None):
 
   config = ml_collections.ConfigDict()
   config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  # True: train config.model from a random init instead (the supervised-from-scratch baseline;
+  # init_from stays empty). Layer-wise lr decay is then usually switched off (layer_decay=1).
+  config.from_scratch = False
   config.global_pool = "avg"  # 'avg': mean patch token -> fc_norm (MAE default); 'token': CLS
   config.seed = 0
   config.model = config_lib.model_config(model, img, patch)  # only used for weights files
@@ -45,6 +48,9 @@ def get_config(arg=None):
   config.ema_decay = 0.0  # e.g. 0.9999: also evaluate an EMA of the weights (ema_top1)
   config.head_init_std = 2e-5
   config.eval_every_epochs = 1
+  # Stop after this many minutes of training (from the end of the first, compiling step), then
+  # evaluate; 0 = off. The schedule is unchanged: set epochs to what fits.
+  config.stop_after_minutes = 0.0
   config.compute_dtype = "float32"
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))

@@ -28,7 +28,8 @@ CONFIG_FILE = "config.json"
 RESUMABLE_KEY_PREFIXES = (
     "arg", "batch_size", "blr", "checkpoint", "compute_dtype", "data", "debug", "distributed",
     "epochs", "grad_accum_steps", "init_from", "log_every_steps", "lr", "mesh", "min_lr",
-    "nonfinite", "picture_every_steps", "seed", "sharding", "stop_at_step", "warmup_epochs")
+    "nonfinite", "picture_every_steps", "seed", "sharding", "stop_after_minutes", "stop_at_step",
+    "warmup_epochs")
 
 
 class WorkdirError(OSError):

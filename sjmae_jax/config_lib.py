@@ -125,6 +125,10 @@ def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_c
   config.log_every_steps = 20 if on_digits else 100
   config.picture_every_steps = 200 if on_digits else 5000  # 0 = never
   config.stop_at_step = 0  # stop early (with a checkpoint) at this step; the schedule is unchanged
+  # Stop early (as stop_at_step) once this many minutes of training have passed, counted from the
+  # end of the first (compiling) step; 0 = off. A time budget: the schedule is unchanged, so set
+  # epochs to what fits for the lr to reach its end.
+  config.stop_after_minutes = 0.0
   config.init_from = ""    # workdir or weights file whose encoder initialises this run
   # A step whose loss or gradient norm is not finite: 'stop' (error naming the step and the loss
   # terms; no checkpoint is written from the bad state) or 'skip' (the update is dropped; counted
@@ -176,7 +180,8 @@ def validate(config, num_devices: int | None = None) -> None:
                      f"{config.batch_size}/{config.grad_accum_steps}")
   if config.epochs <= 0:
     raise ValueError(f"config epochs: must be positive, got {config.epochs}")
-  for key in ("warmup_epochs", "blr", "lr", "min_lr", "stop_at_step", "picture_every_steps"):
+  for key in ("warmup_epochs", "blr", "lr", "min_lr", "stop_at_step", "stop_after_minutes",
+              "picture_every_steps"):
     if config.get(key, 0) < 0:
       raise ValueError(f"config {key}: must be >= 0, got {config[key]}")
   for key, value in (("log_every_steps", config.log_every_steps),

@@ -235,6 +235,38 @@ class PreemptionNotice:
     self._previous_handlers = {}
 
 
+class TimeBudget:
+  """Says when `minutes` of training have passed (0 = never), counted from the end of the first
+  step, so that its compilation is not counted. Call `up(step, outputs)` after every step: the
+  first call waits for that step's outputs and starts the clock. The clock is read on the host,
+  which may be a few dispatched steps ahead of the device. With several processes the decision
+  is process 0's, broadcast every `check_every` steps, so that all stop at the same step.
+  """
+
+  def __init__(self, minutes: float, check_every: int = 1):
+    self.seconds = 60.0 * float(minutes or 0.0)
+    self.check_every = max(int(check_every), 1) if jax.process_count() > 1 else 1
+    self.started = None
+    self.reached = False
+    self.elapsed = 0.0  # seconds since the clock started, at the last check
+
+  def up(self, step: int, outputs) -> bool:
+    if not self.seconds:
+      return False
+    if self.started is None:
+      jax.block_until_ready(outputs)
+      self.started = time.time()
+      return False
+    if step % self.check_every:
+      return False
+    self.elapsed = time.time() - self.started
+    reached = self.elapsed >= self.seconds
+    if jax.process_count() > 1:
+      reached = bool(multihost_utils.broadcast_one_to_all(np.asarray(reached)))
+    self.reached = reached
+    return reached
+
+
 class NonFiniteWatch:
   """Finds non-finite steps without a host sync per step.
 
@@ -475,11 +507,14 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   batches = device_prefetch(iter(train_data), mesh)
   step = start_step
   stopped = False
+  budget = TimeBudget(config.get("stop_after_minutes", 0.0), config.log_every_steps)
   try:
     while step < stop_step:
       batch = next(batches)
       state, metrics = train_step(state, batch)
       step += 1
+      if budget.up(step, metrics):
+        stop_step = step  # the last step: log, monitors and checkpoint as at the end
       nonfinite.record(step, metrics)
       progress.step(step)
       if pending is not None:  # fetch the previous step's metrics after dispatching this one
@@ -490,8 +525,10 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
       if config.picture_every_steps and (step % config.picture_every_steps == 0 or step == stop_step):
         pictures = jax.device_get(pictures_fn(state, batch))
         writer.write_images(step, {k: np.asarray(v, np.float32) for k, v in pictures.items()})
-      for monitor in monitors:  # not at an early stop (stop_at_step): the schedule is not done
-        if step % monitor.every_steps == 0 or step == total_steps:
+      # Not at an early stop (stop_at_step): the schedule is not done. A time budget's last step
+      # is the run's result: monitored.
+      for monitor in monitors:
+        if step % monitor.every_steps == 0 or step == total_steps or budget.reached:
           results = monitor(state)
           writer.write_scalars(step, results)
           monitor_metrics.update(results)
@@ -518,6 +555,13 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   wall_seconds = time.time() - started
   summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
+  if budget.seconds:  # steps after the first, and their seconds (for img/s)
+    summary["timed_steps"], summary["timed_seconds"] = step - start_step - 1, round(budget.elapsed, 2)
+  if budget.reached:
+    summary["stopped_after_minutes"] = config.stop_after_minutes
+    if is_main:
+      print(f"Stopped at step {step} of {total_steps}: stop_after_minutes="
+            f"{config.stop_after_minutes} reached", flush=True)
   checkpoints = paths.shown(checkpointer.directory)
   if stopped:
     by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received

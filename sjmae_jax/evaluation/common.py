@@ -71,7 +71,8 @@ def build_classifier(config, model_config, num_classes: int, *, drop_path_rate: 
 
 
 def init_classifier_params(classifier: ViTClassifier, encoder_params, rng):
-  """Fresh classifier params with the pretrained encoder put in (host numpy tree).
+  """Fresh classifier params with the pretrained encoder put in (host numpy tree); with
+  `encoder_params` None, the fresh params (training from scratch).
 
   'avg' pooling has no final `norm` (fc_norm replaces it, fresh); 'token' pooling needs it.
   A mask token (SimMIM-style encoders) is not part of a classifier.
@@ -79,6 +80,8 @@ def init_classifier_params(classifier: ViTClassifier, encoder_params, rng):
   size = classifier.encoder_kwargs["img_size"]
   sample = jnp.zeros((1, size, size, classifier.encoder_kwargs["in_chans"]), jnp.float32)
   fresh = jax.jit(classifier.init)(rng, sample)["params"]
+  if encoder_params is None:
+    return jax.device_get(fresh)
   unexpected = ["encoder/mask_token"]
   if classifier.global_pool == "avg":
     unexpected.append("encoder/norm")

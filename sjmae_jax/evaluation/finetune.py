@@ -19,6 +19,7 @@ from clu import metric_writers
 from etils import epath
 
 from sjmae_jax import checkpointing, data, optim, paths, sharding
+from sjmae_jax.trainer import TimeBudget
 from sjmae_jax.evaluation import common, layer_decay, mixup
 
 
@@ -72,6 +73,11 @@ def make_train_step(classifier, tx, schedule, config, num_classes: int, finish_b
 
 
 def _validate(config):
+  if config.get("from_scratch") and config.init_from:
+    raise ValueError(f"config from_scratch: True, but init_from is also set ({config.init_from}); "
+                     "use one of them")
+  if config.get("stop_after_minutes", 0.0) < 0:
+    raise ValueError(f"config stop_after_minutes: must be >= 0, got {config.stop_after_minutes}")
   if not 0.0 < config.layer_decay <= 1.0:
     raise ValueError(f"config layer_decay: {config.layer_decay} must be in (0, 1]")
   if not 0.0 <= config.ema_decay < 1.0:
@@ -82,14 +88,18 @@ def _validate(config):
 
 
 def run(config, workdir: str) -> dict:
-  """Fine-tune `config.init_from` as `config` says; resumes from WORKDIR/checkpoints."""
+  """Fine-tune `config.init_from` as `config` says (or, with `from_scratch`, a randomly
+  initialised `config.model`: the supervised baseline); resumes from WORKDIR/checkpoints."""
   _validate(config)
   config = paths.with_absolute_paths(config)
   workdir = epath.Path(paths.absolute(workdir))
   started = time.time()
   mesh = common.make_mesh(config)
   info = data.dataset_info(config.data)
-  encoder_params, model_config = common.load_encoder(config)
+  if config.get("from_scratch"):
+    encoder_params, model_config = None, config.model
+  else:
+    encoder_params, model_config = common.load_encoder(config)
   classifier = common.build_classifier(config, model_config, info.num_classes,
                                        drop_path_rate=config.drop_path,
                                        head_init_std=config.head_init_std)
@@ -153,14 +163,16 @@ def run(config, workdir: str) -> dict:
   batches = iter(train_data)
   metrics, last = {}, {}
   step = start_step
+  budget = TimeBudget(config.get("stop_after_minutes", 0.0), steps_per_epoch)
   while step < total_steps:
     state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
     step += 1
-    if step % steps_per_epoch:
+    out_of_time = budget.up(step, metrics)
+    if step % steps_per_epoch and not out_of_time:
       continue
-    epoch = step // steps_per_epoch
+    epoch = -(-step // steps_per_epoch)  # the epoch this step belongs to
     scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-    if epoch % config.eval_every_epochs == 0 or step == total_steps:
+    if epoch % config.eval_every_epochs == 0 or step == total_steps or out_of_time:
       last = common.evaluate(functools.partial(eval_step, state["params"]), eval_data, mesh)
       scalars.update({"eval/top1": last["top1"], "eval/top5": last["top5"]})
       if "ema_params" in state:
@@ -176,6 +188,10 @@ def run(config, workdir: str) -> dict:
             + (f", ema top1 {last['ema_top1']:.4f}" if "ema_top1" in last else ""), flush=True)
     writer.write_scalars(step, scalars)
     checkpointer.save(step, state, force=True)
+    if out_of_time:
+      print(f"Stopped at step {step} of {total_steps}: stop_after_minutes="
+            f"{config.stop_after_minutes} reached", flush=True)
+      break
   checkpointer.wait()
   best_checkpointer.wait()
   writer.flush()
@@ -184,8 +200,13 @@ def run(config, workdir: str) -> dict:
   results = {"top1": last["top1"], "top5": last["top5"], "best_top1": float(state["best_top1"]),
              "best_epoch": int(state["best_epoch"]), "split": config.data.eval_split,
              "num_eval_examples": last["num_examples"], "epochs": config.epochs,
-             "init_from": str(config.init_from),
+             "init_from": "scratch" if config.get("from_scratch") else str(config.init_from),
+             "steps": step, "total_steps": total_steps,
              "wall_seconds": round(time.time() - started, 2)}
+  if budget.seconds:
+    results["timed_steps"], results["timed_seconds"] = step - start_step - 1, round(budget.elapsed, 2)
+  if budget.reached:
+    results["stopped_after_minutes"] = config.stop_after_minutes
   results.update({k: v for k, v in last.items() if k.startswith("ema_")})
   common.write_results(workdir, results, config)
   checkpointer.close()
