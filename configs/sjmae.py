@@ -14,10 +14,10 @@ def get_config(arg=None):
   on_digits = config.arg.data == "digits"
   if not on_digits:
     # The official recipe (configs/sjmae/*) is 400 epochs, warmup 10, blr 2e-3 -- tuned at an
-    # effective batch of 16 (lr 1.25e-4). At our batch 4096 the linear scaling rule would give lr
-    # 3.2e-2, which fails to learn in an lr sweep (docs/results.md: kNN 28.8% at lr 8e-3, below
-    # the untrained encoder); the best absolute lr there was 6e-4 .. 2.4e-3. blr 1.5e-4 (MAE's)
-    # gives lr 2.4e-3 at batch 4096.
+    # effective batch of 16 (lr 1.25e-4). At our batch 4096 the linear scaling rule would give
+    # lr 3.2e-2, which learns nothing in an lr sweep (docs/methods/sjmae.md: kNN 26.3% at 3.2e-2
+    # and 28.8% at 8e-3, untrained 29.1%; best 37.5% at 2.4e-3). blr 1.5e-4 (MAE's) keeps that
+    # best absolute lr, 2.4e-3, at batch 4096.
     config.blr, config.epochs, config.warmup_epochs = 1.5e-4, 400, 10.0
   # util/datasets.py (siam_augment): torchvision's RandomResizedCrop default, bilinear.
   config.data.recipes.simclr.interpolation = "bilinear"

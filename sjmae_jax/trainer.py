@@ -556,7 +556,8 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
   if budget.seconds:  # steps after the first, and their seconds (for img/s)
-    summary["timed_steps"], summary["timed_seconds"] = step - start_step - 1, round(budget.elapsed, 2)
+    summary["timed_steps"] = step - start_step - 1
+    summary["timed_seconds"] = round(budget.elapsed, 2)
   if budget.reached:
     summary["stopped_after_minutes"] = config.stop_after_minutes
     if is_main:

@@ -73,7 +73,8 @@ def test_fractional_warmup_is_exact_in_pretraining_probe_and_finetune():
     config.unlock()
     config.epochs, config.warmup_epochs, config.lr, config.min_lr = epochs, warmup_epochs, 0.1, 1e-4
     if name == "finetune":
-      params = {"encoder": {"blocks_0": {"kernel": jnp.ones((2, 2))}}, "head": {"bias": jnp.ones(2)}}
+      params = {"encoder": {"blocks_0": {"kernel": jnp.ones((2, 2))}},
+                "head": {"bias": jnp.ones(2)}}
       _, schedule = module.make_optimizer(config, params, 1, steps_per_epoch)
     else:
       _, schedule = module.make_optimizer(config, steps_per_epoch)

@@ -68,8 +68,8 @@ def test_each_method_crops_with_its_originals_interpolation(method, data):
 
 def test_sjmae_large_batch_lr_is_the_swept_one_not_the_linear_scaling_of_batch_16():
   """The official blr 2e-3 was tuned at an effective batch of 16; at our batch 4096 the linear
-  scaling rule gives lr 3.2e-2, which learned nothing in the sweep of docs/results.md; the
-  default is the sweep's best absolute lr, 2.4e-3 (blr 1.5e-4, as MAE)."""
+  scaling rule gives lr 3.2e-2, which learned nothing in the lr sweep of docs/methods/sjmae.md;
+  the default is the sweep's best absolute lr, 2.4e-3 (blr 1.5e-4, as MAE)."""
   config = load_config("sjmae", "data=cifar10")
   assert config.batch_size == 4096 and config.lr == 0.0
   np.testing.assert_allclose(optim.base_learning_rate(config), 2.4e-3)

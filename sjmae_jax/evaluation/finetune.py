@@ -204,7 +204,8 @@ def run(config, workdir: str) -> dict:
              "steps": step, "total_steps": total_steps,
              "wall_seconds": round(time.time() - started, 2)}
   if budget.seconds:
-    results["timed_steps"], results["timed_seconds"] = step - start_step - 1, round(budget.elapsed, 2)
+    results["timed_steps"] = step - start_step - 1
+    results["timed_seconds"] = round(budget.elapsed, 2)
   if budget.reached:
     results["stopped_after_minutes"] = config.stop_after_minutes
   results.update({k: v for k, v in last.items() if k.startswith("ema_")})
