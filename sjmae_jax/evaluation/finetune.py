@@ -19,8 +19,8 @@ from clu import metric_writers
 from etils import epath
 
 from sjmae_jax import checkpointing, data, optim, paths, sharding
-from sjmae_jax.trainer import TimeBudget
 from sjmae_jax.evaluation import common, layer_decay, mixup
+from sjmae_jax.trainer import TimeBudget
 
 
 def make_optimizer(config, params, depth: int, steps_per_epoch: int):
