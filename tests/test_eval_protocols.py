@@ -4,6 +4,7 @@ run made here (nothing downloaded), plus the kNN classifier itself and bad input
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -77,7 +78,8 @@ def test_knn_monitor_runs_during_pretraining_and_lands_in_summary(pretrained):
   workdir, summary, printed = pretrained
   assert 0.3 < summary["knn/top1"] <= 1.0  # 10 classes: chance is 0.1
   assert json.loads((workdir / "summary.json").read_text())["knn/top1"] == summary["knn/top1"]
-  assert printed.count("knn/top1") == 3  # every epoch (the last step is the third)
+  assert len(re.findall(r"^step \d+: knn/top1", printed, re.M)) == 3  # every epoch (3 epochs)
+  assert "knn/top1" in printed.splitlines()[-5]  # and in the result line at the end
   # Defaults: on for digits (every 20 epochs), DINO's k and temperature.
   knn_config = load_config("mae").knn
   assert (knn_config.every_epochs, knn_config.k, knn_config.temperature) == (20, 20, 0.07)
@@ -145,7 +147,7 @@ def test_finetune_on_digits_keeps_best_and_last_and_resumes(pretrained, tmp_path
   assert 0.0 <= results["top1"] <= results["best_top1"] <= 1.0
   assert results["best_epoch"] in (1, 2) and 0.0 <= results["ema_top1"] <= 1.0
   written = json.loads((tmp_path / "results.json").read_text())
-  assert written["config"]["layer_decay"] == 0.75 and written["top1"] == results["top1"]
+  assert written["config"]["layer_decay"] == 0.9 and written["top1"] == results["top1"]
   steps = 2 * (1438 // 128)
   assert checkpointing.Checkpointer(tmp_path, read_only=True).latest_step() == steps
   assert checkpointing.Checkpointer(tmp_path / "best", read_only=True).latest_step() in (
@@ -159,7 +161,8 @@ def test_finetune_on_digits_keeps_best_and_last_and_resumes(pretrained, tmp_path
   assert 0 < moved.max() < 0.1
   # Rerunning a finished run resumes at its end: no training, same numbers.
   again = finetune.run(config, str(tmp_path))
-  assert again["top1"] == results["top1"] and again["best_top1"] == results["best_top1"]
+  assert again["top1"] == results["top1"]
+  assert again["best_top1"] == pytest.approx(results["best_top1"], rel=1e-6)  # float32 in the state
 
 
 def test_bad_evaluator_input_fails_with_one_line(pretrained, tmp_path):

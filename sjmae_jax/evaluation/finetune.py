@@ -161,6 +161,7 @@ def run(config, workdir: str) -> dict:
         f"{start_step}, batch {config.batch_size}, lr {optim.base_learning_rate(config):.4g}, "
         f"layer decay {config.layer_decay}; TensorBoard: {workdir / 'tensorboard'}", flush=True)
   batches = iter(train_data)
+  best_top1 = float(state["best_top1"])
   metrics, last = {}, {}
   step = start_step
   budget = TimeBudget(config.get("stop_after_minutes", 0.0), steps_per_epoch)
@@ -180,6 +181,7 @@ def run(config, workdir: str) -> dict:
         last.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         scalars.update({"eval/ema_top1": ema["top1"], "eval/ema_top5": ema["top5"]})
       if last["top1"] > float(state["best_top1"]):
+        best_top1 = last["top1"]  # exact; the state keeps it as float32 for a resume
         state = dict(state, best_top1=jnp.asarray(last["top1"], jnp.float32),
                      best_epoch=jnp.asarray(epoch, jnp.int32))
         best_checkpointer.save(step, {"params": state["params"]}, force=True)
@@ -197,7 +199,7 @@ def run(config, workdir: str) -> dict:
   writer.flush()
   if not last:  # resumed a finished run: evaluate the final state again
     last = common.evaluate(functools.partial(eval_step, state["params"]), eval_data, mesh)
-  results = {"top1": last["top1"], "top5": last["top5"], "best_top1": float(state["best_top1"]),
+  results = {"top1": last["top1"], "top5": last["top5"], "best_top1": best_top1,
              "best_epoch": int(state["best_epoch"]), "split": config.data.eval_split,
              "num_eval_examples": last["num_examples"], "epochs": config.epochs,
              "init_from": "scratch" if config.get("from_scratch") else str(config.init_from),
