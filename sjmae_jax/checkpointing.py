@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state in WORKDIR/checkpoints, plus the run's config.json.
 
-The data position is not stored: the input pipeline derives it from the step.
+Each checkpoint step holds the item 'state' (the train state) and, when the caller passes one,
+'data': the input pipeline's JSON state at that step (data.TrainPipeline.checkpoint_state).
 
 Crash safety comes from Orbax: a step is written to `<step>.orbax-checkpoint-tmp*` and renamed to
 `<step>` once complete, so a killed save leaves only a tmp directory, which `latest_step` never
@@ -41,7 +42,7 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class Checkpointer:
-  """CheckpointManager of WORKDIR/checkpoints with one item, 'state'.
+  """CheckpointManager of WORKDIR/checkpoints with the items 'state' and (optional) 'data'.
 
   Creates nothing until the first save. `read_only=True` opens a workdir for reading only (no tmp
   directory cleanup, no saves): for looking at a run before deciding to write to it, or for
@@ -59,7 +60,8 @@ class Checkpointer:
           enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=False)
     self.directory = epath.Path(paths.absolute(workdir)) / "checkpoints"  # Orbax: absolute only
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_handlers={"state": ocp.StandardCheckpointHandler()})
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     self._created = read_only or self.directory.exists()
     self._step_in_flight = None
 
@@ -70,9 +72,10 @@ class Checkpointer:
     """Whether the save policy (every `save_every_steps`, and a first one) saves at `step`."""
     return self.manager.should_save(step)
 
-  def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Starts writing `state` as checkpoint `step` if the save policy or `force` says so (async:
-    `wait` for it to be complete). Returns whether it saves."""
+  def save(self, step: int, state, *, force: bool = False, data_state: dict | None = None) -> bool:
+    """Starts writing `state` (and the input pipeline's JSON `data_state`) as checkpoint `step`
+    if the save policy or `force` says so (async: `wait` for it to be complete). Returns whether
+    it saves."""
     if not force and not self.should_save(step):
       return False
     self.wait()  # a failed earlier save is reported as that step's
@@ -80,8 +83,10 @@ class Checkpointer:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._created = True
     with self._write_errors_as_workdir_error(step):
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                        force=True)
+      items = {"state": ocp.args.StandardSave(state)}
+      if data_state is not None:
+        items["data"] = ocp.args.JsonSave(data_state)
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._step_in_flight = step
     return True
 
@@ -89,6 +94,12 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def data_state(self, step: int) -> dict | None:
+    """The input pipeline's state saved with checkpoint `step`; None for a checkpoint without one."""
+    if "data" not in self.manager.item_metadata(step).keys():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
   def array_metadata(self, step: int) -> dict:
     """{'params/encoder/...': (shape, dtype name)} of the arrays stored at `step`."""

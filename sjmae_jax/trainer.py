@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview
+from clu import parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sjmae_jax import (checkpointing, config_lib, console, data, evaluation, objectives, optim,
-                       paths, sharding)
+from sjmae_jax import (checkpointing, config_lib, console, data, evaluation, metric_writers,
+                       objectives, optim, paths, sharding)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -444,6 +444,7 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         state_shardings)
     state = checkpointer.restore(start_step, abstract_state)
+    train_data.restore(checkpointer.data_state(start_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
     if config.init_from:
@@ -538,7 +539,7 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
       if stopped or step == stop_step or checkpointer.should_save(step):
         if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
           look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
-        checkpointer.save(step, state, force=True)
+        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step))
       if stopped:
         break
     if pending is not None:

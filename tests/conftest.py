@@ -33,3 +33,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_configure(config):
+  # The subset that the TensorFlow-free virtualenv of .ci/run runs (`pytest -m no_tf`).
+  config.addinivalue_line("markers", "no_tf: runs without TensorFlow installed (the CI subset "
+                                     "of the virtualenv made from requirements.txt alone)")

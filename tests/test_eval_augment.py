@@ -12,7 +12,7 @@ from timm.data import auto_augment as timm_aa
 from timm.data.random_erasing import RandomErasing
 
 from sjmae_jax import data
-from sjmae_jax.data import augment_tf, randaugment, random_erasing
+from sjmae_jax.data import augment_host, randaugment, random_erasing
 from sjmae_jax.evaluation import mixup
 
 FILL = (124, 116, 104)  # timm's img_mean for the ImageNet mean
@@ -68,17 +68,17 @@ def test_randaugment_string_follows_timm():
 
 def test_randaugment_draws_ops_gates_and_magnitudes_from_the_uniforms():
   config = randaugment.parse('rand-m9-mstd0.5-inc1')
-  u = np.random.default_rng(1).random((20000, augment_tf.NUM_UNIFORMS)).astype(np.float32)
-  magnitude = np.asarray(randaugment.sample_magnitude(jnp.asarray(u[:, augment_tf.U_RA_MAGNITUDE]),
+  u = np.random.default_rng(1).random((20000, augment_host.NUM_UNIFORMS)).astype(np.float32)
+  magnitude = np.asarray(randaugment.sample_magnitude(jnp.asarray(u[:, augment_host.U_RA_MAGNITUDE]),
                                                       config))
   assert abs(magnitude.mean() - 9.0) < 0.02 and abs(magnitude.std() - 0.49) < 0.02
   assert magnitude.max() <= 10.0  # clipped like timm's upper bound
 
   images = jnp.asarray(_images()[:1].repeat(4, axis=0), jnp.float32) / 255.0
-  u4 = np.full((4, augment_tf.NUM_UNIFORMS), 0.3, np.float32)
-  u4[:, augment_tf.U_RA_GATE:augment_tf.U_RA_GATE + 2] = 0.9  # both layers skipped
-  u4[1, augment_tf.U_RA_GATE] = 0.1  # image 1: layer 0 applied, op 'Invert'
-  u4[1, augment_tf.U_RA_OP] = (config.ops.index('Invert') + 0.5) / len(config.ops)
+  u4 = np.full((4, augment_host.NUM_UNIFORMS), 0.3, np.float32)
+  u4[:, augment_host.U_RA_GATE:augment_host.U_RA_GATE + 2] = 0.9  # both layers skipped
+  u4[1, augment_host.U_RA_GATE] = 0.1  # image 1: layer 0 applied, op 'Invert'
+  u4[1, augment_host.U_RA_OP] = (config.ops.index('Invert') + 0.5) / len(config.ops)
   out = np.asarray(randaugment.rand_augment(images, jnp.asarray(u4), config, (0.5, 0.5, 0.5)))
   quantized = np.round(np.asarray(images) * 255.0) / 255.0
   np.testing.assert_allclose(out[0], quantized[0], atol=1e-6)
@@ -97,7 +97,7 @@ def test_random_erasing_statistics_match_timm():
     timm_masks.append((eraser(image) != 0).any(0).numpy())
   timm_masks = np.stack(timm_masks)
 
-  u = np.random.default_rng(2).random((count, augment_tf.NUM_UNIFORMS)).astype(np.float32)
+  u = np.random.default_rng(2).random((count, augment_host.NUM_UNIFORMS)).astype(np.float32)
   ours = np.asarray(jax.jit(random_erasing.random_erase, static_argnums=2)(
       jnp.zeros((count, size, size, 3)), jnp.asarray(u), 0.25))
   our_masks = (ours != 0).any(-1)

@@ -2,7 +2,7 @@
 ops (flip, colour jitter, grayscale, Gaussian blur, solarize) and normalisation.
 
 All ops work on a batch of views with per-image parameters read from the uniforms drawn on the
-host (layout in augment_tf), so the result does not depend on where this runs: jitted on the
+host (layout in augment_host), so the result does not depend on where this runs: jitted on the
 host CPU inside the pipeline (default), or inside the training step on the accelerator
 (`data.augment_on_device=True`). Semantics follow torchvision / PIL; images float32 in [0, 1].
 """
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjmae_jax.data import augment_tf as spec
+from sjmae_jax.data import augment_host as spec
 from sjmae_jax.data import randaugment, random_erasing
 from sjmae_jax.data.sources import DataError
 
@@ -32,7 +32,7 @@ def _kernel(x, interpolation):
 
 
 def resample_matrix(start, length, total, offset, in_size, out_size, interpolation):
-  """(N, out_size, in_size) weights of one axis of a CropSpec (see augment_tf).
+  """(N, out_size, in_size) weights of one axis of a CropSpec (see augment_host).
 
   PIL's antialiased resampling of the span [start, start + length) to `total` pixels: output
   pixel j is centred at start + (j + 0.5) * length / total in input coordinates, the kernel is

@@ -51,7 +51,7 @@ def default_config():
   cfg.source = 'digits'
   cfg.train_split = 'train'
   cfg.eval_split = 'test'
-  cfg.data_dir = default_tfds_dir()  # TFDS data_dir; also holds the prepared folder caches
+  cfg.data_dir = default_tfds_dir()  # TFDS data_dir; also holds digits and the folder caches
   cfg.download = False  # allow TFDS download_and_prepare of datasets not yet prepared
   cfg.image_key = 'image'  # TFDS feature names
   cfg.label_key = 'label'
@@ -77,14 +77,15 @@ def default_config():
   cfg.std = IMAGENET_STD
 
   # Hold the decoded uint8 images in memory (when every image has the same size): fastest for
-  # CIFAR / digits sized data. Otherwise images are decoded on the fly every step.
+  # CIFAR / digits sized data. Otherwise images are decoded (PIL) at every read.
   cfg.cache = True
-  cfg.cache_max_gb = 16.0  # larger splits are streamed / decoded every step instead
-  cfg.shuffle_buffer = 10_000  # used only when streaming a TFDS split (cache=False)
+  cfg.cache_max_gb = 16.0  # larger splits are decoded at every read instead
+  cfg.shuffle_buffer = 10_000  # used only when streaming a TFRecord TFDS split (TensorFlow extra)
   cfg.skip_corrupt = False  # folder sources: skip undecodable files (counted in the log)
-  cfg.prefetch = 2  # host-side batches prepared ahead
+  cfg.prefetch = 2  # host-side batches prepared ahead (Grain's prefetch buffer)
+  cfg.num_threads = 16  # Grain threads preparing them (image decoding and cropping with PIL)
   # Compute the views (crop of cached images, colour ops, normalisation) inside the training
-  # step on the accelerator instead of on the host CPU; see TrainPipeline.finish_batch.
-  cfg.augment_on_device = False
-  cfg.num_parallel_calls = -1  # tf.data map parallelism, -1 = AUTOTUNE
+  # step on the accelerator instead of on the host CPU (see TrainPipeline.finish_batch):
+  # True, False, or 'auto' = on when JAX's default backend is not the CPU.
+  cfg.augment_on_device = ml_collections.FieldReference('auto', field_type=object)
   return cfg

@@ -1,4 +1,5 @@
-"""Train and eval input pipelines: tf.data on the host, then a batched JAX finishing step.
+"""Train and eval input pipelines on Grain: NumPy / PIL pre-batches on the host, then a batched JAX
+finishing step (on the host CPU, or inside the training step on the accelerator).
 
 Order and randomness are pure functions of the seed and the position in the run:
   * epoch e visits the examples in a permutation drawn from (seed, e); the first
@@ -9,43 +10,54 @@ Order and randomness are pure functions of the seed and the position in the run:
   * the augmentation uniforms of global batch b are drawn from (seed, e, b) for the whole global
     batch and sliced the same way, so batches do not depend on the process count either.
 So `start_step = k` resumes exactly: epoch k // steps_per_epoch, batch k % steps_per_epoch, and
-the skipped batches are never read, decoded or augmented.
+the skipped batches are never read, decoded or augmented. Random numbers come from NumPy
+generators keyed by (seed, salt, epoch, batch) (augment_host.generator): no state to carry.
+
+Grain runs it. In-memory images small enough to crop in the batched JAX step (digits, CIFAR-size
+folder caches): a `grain.MapDataset` indexed by the global step whose element is a whole
+pre-batch (a gather of uint8 images plus NumPy crop specs). Everything else (image files, TFDS
+ArrayRecord records, large images): a MapDataset indexed by the example's position in the run
+whose element is that image decoded and cropped with PIL, run in Grain's threads, then batched.
+The Grain iterator's state is that position; `checkpoint_state(step)` is what the trainer saves
+with the checkpoint of `step`, and `restore` checks it and starts from it.
 
 The host builds a "pre-batch" (uint8 images or crops, crop specs, uniforms, labels); the JAX
-function `augment_jax.finish_views` turns it into normalised views. By default that runs jitted
-on the host CPU inside the iterator; with `augment_on_device=True` the iterator yields the
-pre-batch and the trainer applies `pipeline.finish_batch` inside its step (see TrainPipeline).
+function `augment_jax.finish_views` turns it into normalised views. With
+`data.augment_on_device` (default 'auto': on when JAX's default backend is not the CPU) the
+iterator yields the pre-batch and the trainer applies `pipeline.finish_batch` inside its jitted
+step (see TrainPipeline); otherwise it runs jitted on the host CPU inside the iterator.
 
-TFDS splits that are not held in memory (`cache=False`, or images of varying size) are streamed
-instead: each process reads its own even part of the split, file order and shuffle buffer seeded
-from (seed, epoch, process), uniforms from (seed, epoch, process, batch). Deterministic and
-resumable the same way, but the batches depend on the process count.
+TFDS splits stored as TFRecord (the TensorFlow extra, tfrecord.py) cannot be read by index and
+are streamed instead: each process reads its own even part of the split, file order and shuffle
+buffer seeded from (seed, epoch, process), uniforms from (seed, epoch, process, batch).
+Deterministic and resumable the same way, but the batches depend on the process count.
 """
 
 import collections
+import concurrent.futures
+import functools
+import itertools
 import json
+import logging
 import math
 
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from sjmae_jax.data import augment_jax
-from sjmae_jax.data import augment_tf
+from sjmae_jax.data import augment_host, augment_jax
 from sjmae_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, RECIPE_KEYS
 from sjmae_jax.data.sources import ArraySplit, DataError, DatasetInfo, TfdsStreamSplit, open_source
 
-# tf.data only runs host ops; keep a GPU build of TensorFlow off the accelerators JAX uses.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow already initialised its devices
-  pass
+log = logging.getLogger(__name__)
 
 # Salts that keep the permutation and the augmentation streams independent.
 _PERMUTATION_SALT = 0
 _AUGMENT_SALT = 1
 _EVAL_SALT = 2
+_STREAM_SALT = 3
+# An endless run as a finite length for Grain (times the local batch, it still fits an int64).
+_MAX_STEPS = 2**40
 
 
 def dataset_info(cfg):
@@ -54,6 +66,15 @@ def dataset_info(cfg):
   return DatasetInfo(source=cfg.source, num_classes=source.num_classes,
                      class_names=list(source.class_names), split_sizes=sizes,
                      num_examples_fn=source.num_examples)
+
+
+def resolve_augment_on_device(value):
+  """data.augment_on_device: True / False, or 'auto' = on when JAX computes on an accelerator."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if value == 'auto':
+    return jax.default_backend() != 'cpu'
+  raise DataError(f"data.augment_on_device={value!r} (expected 'auto', True or False)")
 
 
 def _resolve_processes(process_index, process_count, global_batch_size):
@@ -106,34 +127,21 @@ def _normalization(cfg):
   raise DataError(f"data.normalize={cfg.normalize!r} (expected 'imagenet', 'custom' or 'none')")
 
 
-def _seed_pair(seed, salt):
-  return tf.constant([int(seed) % (2**63), salt], tf.int64)
+def _check_read_config(cfg):
+  if cfg.num_threads < 0 or cfg.prefetch < 1:
+    raise DataError(f'data.num_threads={cfg.num_threads} / data.prefetch={cfg.prefetch} (expected '
+                    '>= 0 / >= 1)')
 
 
-def _fold(key, *values):
-  for value in values:
-    key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
-  return key
-
+def _read_options(cfg, buffer_size):
+  """Grain's threads and buffer: `buffer_size` elements ahead, at most one thread each."""
+  return grain.ReadOptions(num_threads=min(int(cfg.num_threads), buffer_size),
+                           prefetch_buffer_size=buffer_size)
 
 
 # Cached images up to this many pixels are cropped in the batched JAX step (resampling matrices
 # cost O(H * W * size) per image); larger ones are cropped one at a time on the host.
 _BATCHED_CROP_MAX_PIXELS = 128 * 128
-
-
-def _image_reader(split_data):
-  """index -> (uint8 [H, W, 3] image, int32 label), one example at a time."""
-  labels = tf.constant(split_data.labels, tf.int32)
-  if isinstance(split_data, ArraySplit):
-    images = tf.constant(split_data.images)
-    return lambda index: (tf.gather(images, index), tf.gather(labels, index))
-  files = tf.constant(split_data.files)
-
-  def read(index):
-    data = tf.io.read_file(tf.gather(files, index))
-    return augment_tf.decode_image(data), tf.gather(labels, index)
-  return read
 
 
 def _crops_in_batch(split_data):
@@ -151,54 +159,30 @@ class _PreBatcher:
     self.size = size
     self.crop_fraction = crop_fraction
 
-  def batch_specs(self, images, uniforms):
-    """uint8 [B, H, W, 3] of one size, uniforms (B, K, U) -> CropSpec rows (B, K, 8)."""
-    height, width = images.shape[1], images.shape[2]
-    return tf.stack([augment_tf.crop_specs(uniforms[:, view], height, width, recipe, self.size,
-                                           self.crop_fraction)
+  def batch_specs(self, height, width, uniforms):
+    """Images of one size H x W, uniforms (B, K, U) -> CropSpec rows (B, K, 8)."""
+    return np.stack([augment_host.crop_specs(uniforms[:, view], height, width, recipe, self.size,
+                                             self.crop_fraction)
                      for view, recipe in enumerate(self.recipes)], axis=1)
 
   def crops(self, image, uniforms):
     """uint8 [H, W, 3] of any size, uniforms (K, U) -> uint8 crops (K, S, S, 3)."""
-    shape = tf.shape(image)
-    crops = []
-    for view, recipe in enumerate(self.recipes):
-      crop_spec = augment_tf.crop_specs(uniforms[view], shape[0], shape[1], recipe, self.size,
-                                        self.crop_fraction)
-      crops.append(augment_tf.crop_one(image, crop_spec, self.size, recipe.interpolation))
-    return tf.stack(crops)
+    height, width = image.shape[:2]
+    return np.stack([
+        augment_host.crop_one(image, augment_host.crop_specs(
+            uniforms[view], height, width, recipe, self.size, self.crop_fraction),
+                              self.size, recipe.interpolation)
+        for view, recipe in enumerate(self.recipes)])
 
+  def array_pre_batch(self, split_data, indices, uniforms):
+    raw = split_data.images[indices]
+    return {'raw': raw, 'crop_spec': self.batch_specs(raw.shape[1], raw.shape[2], uniforms),
+            'uniforms': uniforms, 'label': split_data.labels[indices].astype(np.int32)}
 
-def _tfds_read(stream, split, shuffle_seed):
-  """Encoded image bytes and label of a TFDS split (other features dropped: they may not batch)."""
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
-  dataset = stream.builder.as_dataset(
-      split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
-      decoders={stream.image_key: tfds.decode.SkipDecoding()})
-  return _map(dataset, lambda example: {stream.image_key: example[stream.image_key],
-                                        stream.label_key: example[stream.label_key]})
-
-
-def _no_autograph(function):
-  # The map functions are plain tensor code; AutoGraph conversion would only cost tracing time.
-  return tf.autograph.experimental.do_not_convert(function)
-
-
-def _map(dataset, function, num_parallel_calls=None):
-  if num_parallel_calls is None:
-    return dataset.map(_no_autograph(function))
-  return dataset.map(_no_autograph(function), num_parallel_calls=num_parallel_calls,
-                     deterministic=True)
-
-
-def _python_seed(*values):
-  return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(1)[0])
-
-
-def _deterministic(dataset):
-  options = tf.data.Options()
-  options.deterministic = True
-  return dataset.with_options(options)
+  def example(self, split_data, index, uniforms):
+    image, label = split_data.read(index)
+    return {'crops': self.crops(image, uniforms), 'uniforms': uniforms,
+            'label': np.int32(label)}
 
 
 _jitted_finish_fns = {}
@@ -230,17 +214,47 @@ def _finished_on_host(pre_batches, finish_fn):
     yield jax.tree.map(np.asarray, pending.popleft())
 
 
+class _TrainOrder:
+  """Which examples and which uniforms local batch `step` of a process gets: pure functions."""
+
+  def __init__(self, seed, num_examples, steps_per_epoch, global_batch, local_batch,
+               process_index, num_views):
+    self.seed, self.num_examples, self.steps_per_epoch = seed, num_examples, steps_per_epoch
+    self.global_batch, self.local_batch, self.num_views = global_batch, local_batch, num_views
+    self.local = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    # Per-example elements ask for the same epoch / batch many times, from several threads.
+    self._permutation = functools.lru_cache(maxsize=2)(self._draw_permutation)
+    self._uniforms = functools.lru_cache(maxsize=16)(self._draw_uniforms)
+
+  def _draw_permutation(self, epoch):
+    generator = augment_host.generator(self.seed, _PERMUTATION_SALT, epoch)
+    return generator.permutation(self.num_examples)
+
+  def _draw_uniforms(self, epoch, batch):
+    uniforms = augment_host.draw_uniforms((self.seed, _AUGMENT_SALT, epoch, batch),
+                                          (self.global_batch, self.num_views))
+    return uniforms[self.local]
+
+  def indices(self, step):
+    epoch, batch = divmod(step, self.steps_per_epoch)
+    start = batch * self.global_batch + self.local.start
+    return self._permutation(epoch)[start:start + self.local_batch]
+
+  def uniforms(self, step):
+    return self._uniforms(*divmod(step, self.steps_per_epoch))
+
+
 class TrainPipeline:
   """Infinite iterator of local training batches, positioned at `start_step`.
 
   Each batch: 'images' float32 (local_batch, K, H, W, C), 'label' int32 (local_batch,).
   `step` is the global step of the next batch.
 
-  With `augment_on_device` (data.augment_on_device=True) the iterator yields pre-batches
-  instead (uint8 images, crop specs, uniforms, label; every array has the local batch as its
-  leading axis, so it shards like a batch) and the trainer computes the views on the
-  accelerator with the pure function `finish_batch(pre_batch) -> {'images', 'label'}` inside
-  its jitted step.
+  With `augment_on_device` (data.augment_on_device, 'auto' = on accelerators) the iterator
+  yields pre-batches instead (uint8 images, crop specs, uniforms, label; every array has the
+  local batch as its leading axis, so it shards like a batch) and the trainer computes the views
+  on the accelerator with the pure function `finish_batch(pre_batch) -> {'images', 'label'}`
+  inside its jitted step.
   """
 
   def __init__(self, cfg, global_batch_size, seed, start_step=0, process_index=None,
@@ -252,7 +266,7 @@ class TrainPipeline:
     recipes = _view_recipes(cfg)
     self.num_views = len(recipes)
     self.image_size = int(cfg.img_size)
-    self.augment_on_device = bool(cfg.augment_on_device)
+    self.augment_on_device = resolve_augment_on_device(cfg.augment_on_device)
     self.finish_batch = augment_jax.make_finish_fn(recipes, self.image_size, _normalization(cfg))
     self._pre_batcher = _PreBatcher(recipes, self.image_size, cfg.eval_crop_fraction)
     self._cfg = cfg
@@ -266,6 +280,10 @@ class TrainPipeline:
                       f'{global_batch_size}')
     if start_step < 0:
       raise DataError(f'start_step must be >= 0, got {start_step}')
+    _check_read_config(cfg)
+    self._order = _TrainOrder(self.seed, self.num_examples, self.steps_per_epoch,
+                              global_batch_size, self.local_batch_size, self.process_index,
+                              self.num_views)
     self.step = int(start_step)
     self._iterator = None
 
@@ -277,92 +295,99 @@ class TrainPipeline:
       if isinstance(self.split_data, TfdsStreamSplit):
         pre_batches = self._stream_pre_batches()
       else:
-        pre_batches = self._indexed_dataset().as_numpy_iterator()
+        pre_batches = iter(self.dataset())
+        pre_batches.set_state(self._grain_state(self.step))
       self._iterator = (pre_batches if self.augment_on_device
                         else _finished_on_host(pre_batches, self.finish_batch))
     batch = next(self._iterator)
     self.step += 1
     return batch
 
-  def _indexed_dataset(self):
+  # -------------------------------------------------------------------------------------------
+  # Checkpointing: the position is the step; the rest says whether the order is still the same.
+
+  def _grain_state(self, step):
+    if isinstance(self.split_data, TfdsStreamSplit):
+      return None
+    per_step = 1 if _crops_in_batch(self.split_data) else self.local_batch_size
+    return {'next_index': int(step) * per_step}
+
+  def _identity(self):
     cfg = self._cfg
-    num_examples, steps = self.num_examples, self.steps_per_epoch
-    global_batch, local_batch = self.global_batch_size, self.local_batch_size
-    process_count, process_index = self.process_count, self.process_index
-    num_views = self.num_views
-    permutation_key = _seed_pair(self.seed, _PERMUTATION_SALT)
-    augment_key = _seed_pair(self.seed, _AUGMENT_SALT)
-    start_epoch, start_batch = divmod(self.step, steps)
-    pre_batcher = self._pre_batcher
-    parallel = cfg.num_parallel_calls
+    return {'seed': self.seed, 'global_batch_size': self.global_batch_size,
+            'source': cfg.source, 'split': cfg.train_split, 'num_examples': self.num_examples}
 
-    def epoch_batches(epoch):
-      order = tf.random.experimental.stateless_shuffle(
-          tf.range(num_examples, dtype=tf.int64), seed=_fold(permutation_key, epoch))
-      order = tf.reshape(order[:steps * global_batch], [steps, process_count, local_batch])
-      return tf.data.Dataset.from_tensor_slices(
-          (tf.fill([steps], epoch), tf.range(steps, dtype=tf.int64), order[:, process_index]))
+  def checkpoint_state(self, step):
+    """JSON-able input state at global step `step`, saved with that step's checkpoint."""
+    return {'step': int(step), **self._identity(), 'grain': self._grain_state(step)}
 
-    def local_uniforms(epoch, batch):
-      uniforms = augment_tf.draw_uniforms(_fold(augment_key, epoch, batch),
-                                          [global_batch, num_views])
-      return uniforms[process_index * local_batch:(process_index + 1) * local_batch]
+  def restore(self, saved):
+    """Positions the pipeline at a checkpoint's `checkpoint_state` (None: an older checkpoint
+    without one; the position is then the step it was built with). Warns when the order from
+    here differs from the uninterrupted run's (seed, batch size or data changed)."""
+    if saved is None:
+      return
+    if self._iterator is not None:
+      raise RuntimeError('TrainPipeline.restore must come before the first batch')
+    current = self._identity()
+    changed = [f'{key} {saved.get(key)!r} -> {value!r}' for key, value in current.items()
+               if saved.get(key) != value]
+    if changed:
+      log.warning('Resuming at step %d with other input settings than the checkpoint (%s): the '
+                  'data order from here differs from an uninterrupted run', saved['step'],
+                  '; '.join(changed))
+    self.step = int(saved['step'])
 
-    dataset = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-    dataset = dataset.flat_map(_no_autograph(epoch_batches)).skip(start_batch)
+  # -------------------------------------------------------------------------------------------
 
-    if _crops_in_batch(self.split_data):
-      images = tf.constant(self.split_data.images)
-      labels = tf.constant(self.split_data.labels, tf.int32)
+  def dataset(self):
+    """The grain.IterDataset of this process's pre-batches from step 0 (set its iterator's
+    state to start elsewhere: `_grain_state(step)`)."""
+    order, split_data, pre_batcher = self._order, self.split_data, self._pre_batcher
+    prefetch = int(self._cfg.prefetch)
+    if _crops_in_batch(split_data):
+      def pre_batch(step):
+        return pre_batcher.array_pre_batch(split_data, order.indices(step), order.uniforms(step))
+      return grain.MapDataset.range(_MAX_STEPS).map(pre_batch).to_iter_dataset(
+          _read_options(self._cfg, prefetch))
 
-      def make_pre_batch(epoch, batch, indices):
-        uniforms = local_uniforms(epoch, batch)
-        raw = tf.gather(images, indices)
-        return {'raw': raw, 'crop_spec': pre_batcher.batch_specs(raw, uniforms),
-                'uniforms': uniforms, 'label': tf.gather(labels, indices)}
-      dataset = _map(dataset, make_pre_batch, parallel)
-    else:  # decoded files, or large cached images: cropped one at a time
-      read = _image_reader(self.split_data)
+    local_batch = self.local_batch_size
 
-      def make_example(index, uniforms):
-        image, label = read(index)
-        return {'crops': pre_batcher.crops(image, uniforms), 'uniforms': uniforms,
-                'label': label}
-      dataset = _map(dataset,
-                     lambda epoch, batch, indices: (indices, local_uniforms(epoch, batch)))
-      dataset = _map(dataset.unbatch(), make_example, parallel)
-      dataset = dataset.batch(local_batch, drop_remainder=True)
-    return _deterministic(dataset.prefetch(cfg.prefetch))
+    def example(position):
+      step, row = divmod(position, local_batch)
+      return pre_batcher.example(split_data, order.indices(step)[row], order.uniforms(step)[row])
+    dataset = grain.MapDataset.range(_MAX_STEPS * local_batch).map(example)
+    dataset = dataset.to_iter_dataset(_read_options(self._cfg, prefetch * local_batch))
+    return dataset.batch(local_batch, drop_remainder=True)
 
   def _stream_pre_batches(self):
-    cfg = self._cfg
-    stream = self.split_data
+    from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
+    cfg, stream = self._cfg, self.split_data
     steps, local_batch, num_views = self.steps_per_epoch, self.local_batch_size, self.num_views
-    augment_key = _seed_pair(self.seed, _AUGMENT_SALT)
-    process_split = tfds.even_splits(stream.split, n=self.process_count,
-                                     drop_remainder=True)[self.process_index]
-    pre_batcher = self._pre_batcher
-
-    def make_example(example, uniforms):
-      image = augment_tf.decode_image(example[stream.image_key])
-      return {'crops': pre_batcher.crops(image, uniforms), 'uniforms': uniforms,
-              'label': tf.cast(example[stream.label_key], tf.int32)}
-
     epoch, start_batch = divmod(self.step, steps)
-    while True:
-      shuffle_seed = _python_seed(self.seed, epoch, self.process_index)
-      epoch_key = _fold(augment_key, epoch, self.process_index)
-      dataset = _tfds_read(stream, process_split, shuffle_seed)
-      dataset = dataset.shuffle(cfg.shuffle_buffer, seed=shuffle_seed,
-                                reshuffle_each_iteration=False)
-      dataset = dataset.take(steps * local_batch).batch(local_batch, drop_remainder=True)
-      dataset = dataset.enumerate().skip(start_batch)
-      dataset = _map(dataset, lambda batch, examples, key=epoch_key: (
-          examples, augment_tf.draw_uniforms(_fold(key, batch), [local_batch, num_views])))
-      dataset = _map(dataset.unbatch(), make_example, cfg.num_parallel_calls)
-      dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(cfg.prefetch)
-      yield from _deterministic(dataset).as_numpy_iterator()
-      epoch, start_batch = epoch + 1, 0
+    with concurrent.futures.ThreadPoolExecutor(max(int(cfg.num_threads), 1)) as pool:
+      while True:
+        shuffle_seed = int(augment_host.generator(
+            self.seed, _STREAM_SALT, epoch, self.process_index).integers(2**31))
+        examples = tfrecord.stream_examples(
+            stream.builder, stream.split, stream.image_key, stream.label_key,
+            shuffle_seed=shuffle_seed, shuffle_buffer=int(cfg.shuffle_buffer),
+            process_index=self.process_index, process_count=self.process_count,
+            drop_remainder=True, take=steps * local_batch, skip=start_batch * local_batch)
+        for batch in range(start_batch, steps):
+          chunk = list(itertools.islice(examples, local_batch))
+          uniforms = augment_host.draw_uniforms(
+              (self.seed, _STREAM_SALT, epoch, self.process_index, batch),
+              (local_batch, num_views))
+          yield _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms)
+        epoch, start_batch = epoch + 1, 0
+
+
+def _stream_pre_batch(pool, pre_batcher, chunk, uniforms):
+  crops = pool.map(lambda row: pre_batcher.crops(augment_host.decode_image(chunk[row][0]),
+                                                 uniforms[row]), range(len(chunk)))
+  return {'crops': np.stack(list(crops)), 'uniforms': uniforms,
+          'label': np.asarray([label for _, label in chunk], np.int32)}
 
 
 class EvalPipeline:
@@ -385,82 +410,77 @@ class EvalPipeline:
     source = open_source(cfg)
     self.split_data = source.load(self.split, cfg.cache)
     self.num_examples = self.split_data.num_examples
+    _check_read_config(cfg)
     if isinstance(self.split_data, TfdsStreamSplit):
       largest_shard = math.ceil(self.num_examples / self.process_count)
       self.num_batches = math.ceil(largest_shard / self.local_batch_size)
     else:
       self.num_batches = math.ceil(self.num_examples / global_batch_size)
+    local = slice(self.process_index * self.local_batch_size,
+                  (self.process_index + 1) * self.local_batch_size)
+    # The default eval recipe draws nothing random; a custom one still gets fixed numbers.
+    self._uniforms = functools.lru_cache(maxsize=16)(
+        lambda batch: augment_host.draw_uniforms((0, _EVAL_SALT, batch),
+                                                 (global_batch_size, 1))[local])
 
   def __len__(self):
     return self.num_batches
 
   def __iter__(self):
     if isinstance(self.split_data, TfdsStreamSplit):
-      dataset = self._stream_dataset()
+      pre_batches = self._stream_pre_batches()
     else:
-      dataset = self._indexed_dataset()
-    pre_batches = _deterministic(dataset.prefetch(self._cfg.prefetch)).as_numpy_iterator()
+      pre_batches = iter(self.dataset())
     return _finished_on_host(pre_batches, self._finish)
 
-  def _uniforms(self, batch):
-    # The default eval recipe draws nothing random; a custom one still gets fixed numbers.
-    key = _fold(_seed_pair(0, _EVAL_SALT), batch)
-    return augment_tf.draw_uniforms(key, [self.local_batch_size, 1])
+  def _positions(self, batch):
+    start = batch * self.global_batch_size + self.process_index * self.local_batch_size
+    return np.arange(start, start + self.local_batch_size)
 
-  def _indexed_dataset(self):
-    num_examples, local_batch = self.num_examples, self.local_batch_size
-    positions = np.arange(self.num_batches * self.global_batch_size).reshape(
-        self.num_batches, self.process_count, local_batch)[:, self.process_index]
-    batches = tf.data.Dataset.from_tensor_slices((np.arange(self.num_batches), positions))
-    parallel = self._cfg.num_parallel_calls
-    pre_batcher = self._pre_batcher
+  def dataset(self):
+    """The grain.IterDataset of this process's pre-batches of one pass."""
+    num_examples, split_data, pre_batcher = self.num_examples, self.split_data, self._pre_batcher
+    prefetch = int(self._cfg.prefetch)
+    if _crops_in_batch(split_data):
+      def pre_batch(batch):
+        positions = self._positions(batch)
+        result = pre_batcher.array_pre_batch(split_data, np.minimum(positions, num_examples - 1),
+                                             self._uniforms(batch))
+        return dict(result, valid=positions < num_examples)
+      return grain.MapDataset.range(self.num_batches).map(pre_batch).to_iter_dataset(
+          _read_options(self._cfg, prefetch))
 
-    if _crops_in_batch(self.split_data):
-      images = tf.constant(self.split_data.images)
-      labels = tf.constant(self.split_data.labels, tf.int32)
+    local_batch = self.local_batch_size
 
-      def make_pre_batch(batch, position):
-        index = tf.minimum(position, num_examples - 1)
-        uniforms = self._uniforms(batch)
-        raw = tf.gather(images, index)
-        return {'raw': raw, 'crop_spec': pre_batcher.batch_specs(raw, uniforms),
-                'uniforms': uniforms, 'label': tf.gather(labels, index),
-                'valid': position < num_examples}
-      return _map(batches, make_pre_batch, parallel)
-
-    read = _image_reader(self.split_data)
-
-    def make_example(position, uniforms):
-      image, label = read(tf.minimum(position, num_examples - 1))
-      return {'crops': pre_batcher.crops(image, uniforms), 'uniforms': uniforms, 'label': label,
-              'valid': position < num_examples}
-    examples = _map(batches, lambda batch, position: (position, self._uniforms(batch)))
-    examples = _map(examples.unbatch(), make_example, parallel)
-    return examples.batch(local_batch, drop_remainder=True)
-
-  def _stream_dataset(self):
-    stream = self.split_data
-    local_batch, size = self.local_batch_size, self.image_size
-    process_split = tfds.even_splits(stream.split, n=self.process_count,
-                                     drop_remainder=False)[self.process_index]
-    pre_batcher = self._pre_batcher
-    key = _seed_pair(0, _EVAL_SALT)
-
-    def make_example(position, example):
-      uniforms = augment_tf.draw_uniforms(_fold(key, position), [1])
-      image = augment_tf.decode_image(example[stream.image_key])
-      return {'crops': pre_batcher.crops(image, uniforms), 'uniforms': uniforms,
-              'label': tf.cast(example[stream.label_key], tf.int32), 'valid': tf.constant(True)}
-
-    dataset = _tfds_read(stream, process_split, shuffle_seed=None).enumerate()
-    dataset = _map(dataset, make_example, self._cfg.num_parallel_calls)
-    padding = tf.data.Dataset.from_tensors({
-        'crops': tf.zeros([1, size, size, 3], tf.uint8),
-        'uniforms': tf.zeros([1, augment_tf.NUM_UNIFORMS], tf.float32),
-        'label': tf.constant(0, tf.int32),
-        'valid': tf.constant(False)}).repeat()
-    dataset = dataset.concatenate(padding).take(self.num_batches * local_batch)
+    def example(local_position):
+      batch, row = divmod(local_position, local_batch)
+      position = self._positions(batch)[row]
+      result = pre_batcher.example(split_data, min(position, num_examples - 1),
+                                   self._uniforms(batch)[row])
+      return dict(result, valid=np.bool_(position < num_examples))
+    dataset = grain.MapDataset.range(self.num_batches * local_batch).map(example)
+    dataset = dataset.to_iter_dataset(_read_options(self._cfg, prefetch * local_batch))
     return dataset.batch(local_batch, drop_remainder=True)
+
+  def _stream_pre_batches(self):
+    from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
+    stream, local_batch, size = self.split_data, self.local_batch_size, self.image_size
+    examples = tfrecord.stream_examples(
+        stream.builder, stream.split, stream.image_key, stream.label_key, shuffle_seed=None,
+        shuffle_buffer=0, process_index=self.process_index, process_count=self.process_count,
+        drop_remainder=False)
+    with concurrent.futures.ThreadPoolExecutor(max(int(self._cfg.num_threads), 1)) as pool:
+      for batch in range(self.num_batches):
+        chunk = list(itertools.islice(examples, local_batch))
+        uniforms = augment_host.draw_uniforms((0, _EVAL_SALT, self.process_index, batch),
+                                              (local_batch, 1))
+        crops = np.zeros((local_batch, 1, size, size, 3), np.uint8)
+        labels = np.zeros(local_batch, np.int32)
+        if chunk:
+          pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)])
+          crops[:len(chunk)], labels[:len(chunk)] = pre_batch['crops'], pre_batch['label']
+        yield {'crops': crops, 'uniforms': uniforms, 'label': labels,
+               'valid': np.arange(local_batch) < len(chunk)}
 
 
 def build_train_pipeline(cfg, global_batch_size, seed, start_step=0, process_index=None,

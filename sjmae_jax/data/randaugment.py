@@ -12,7 +12,7 @@ use PIL's affine sampling (pixel centres, out-of-image samples take the fill col
 the normalisation mean as timm's `img_mean`), with the recipe's interpolation (timm passes the
 train interpolation, bicubic for MAE).
 
-Randomness comes from the view's uniforms (augment_tf U_RA_* columns): op index, apply gate,
+Randomness comes from the view's uniforms (augment_host U_RA_* columns): op index, apply gate,
 magnitude (through the normal quantile function) and sign, one of each per layer. Every op is
 computed for every image and the drawn one selected: the batch stays one array program.
 """
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjmae_jax.data import augment_tf as spec
+from sjmae_jax.data import augment_host as spec
 from sjmae_jax.data.sources import DataError
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full op strength

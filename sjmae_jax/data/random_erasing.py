@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sjmae_jax.data import augment_tf as spec
+from sjmae_jax.data import augment_host as spec
 
 MIN_AREA, MAX_AREA = 0.02, 1.0 / 3.0
 LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))

@@ -3,8 +3,11 @@
 A source answers the metadata questions (classes, split sizes) and hands a split to the pipeline
 as one of:
   * `ArraySplit`: decoded uint8 images of one size held in memory (random access, fastest);
-  * `FileSplit`: image files decoded every step (random access by index);
-  * `TfdsStreamSplit`: a TFDS split read sequentially (too big or too varied to hold in memory).
+  * `FileSplit`: image files decoded with PIL at every read (random access by index);
+  * `RecordSplit`: a TFDS split in a random-access format (ArrayRecord), read through
+    `tfds.data_source` and decoded with PIL at every read; no TensorFlow involved;
+  * `TfdsStreamSplit`: a TFDS split stored as TFRecord, read sequentially with tf.data (needs the
+    TensorFlow extra; see tfrecord.py).
 Every bad-input case raises `DataError` with a one-line message, before anything is compiled.
 """
 
@@ -13,7 +16,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -21,14 +23,15 @@ import re
 import threading
 
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
-from sjmae_jax.data.digits import DIGITS_NAME, SjmaeDigits
+from sjmae_jax.data import digits
+from sjmae_jax.data.augment_host import decode_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+TF_EXTRA = 'pip install -r requirements-tf.txt (or sjmae-jax[tf])'
 
 
 class DataError(ValueError):
@@ -44,20 +47,50 @@ class ArraySplit:
   def num_examples(self):
     return len(self.labels)
 
+  def read(self, index):
+    return self.images[index], int(self.labels[index])
+
 
 @dataclasses.dataclass
 class FileSplit:
-  files: list  # path strings (local or gs://), decoded with tf.io.decode_image every read
+  files: list  # path strings (local or gs://), decoded with PIL at every read
   labels: np.ndarray  # int32 [N]
 
   @property
   def num_examples(self):
     return len(self.labels)
 
+  def read(self, index):
+    image, error = _decode_file(self.files[index])
+    if error is not None:
+      raise DataError(f'cannot decode image {self.files[index]}: {error}')
+    return image, int(self.labels[index])
+
+
+@dataclasses.dataclass
+class RecordSplit:
+  source: object  # a tfds data source (random access) whose images are left encoded
+  image_key: str
+  label_key: str
+  description: str
+
+  @property
+  def num_examples(self):
+    return len(self.source)
+
+  def read(self, index):
+    example = self.source[int(index)]
+    try:
+      image = decode_image(example[self.image_key])
+    except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
+      raise DataError(f'{self.description}: cannot decode the image of example {index}: '
+                      f'{_first_line(error)}') from None
+    return image, int(example[self.label_key])
+
 
 @dataclasses.dataclass
 class TfdsStreamSplit:
-  builder: object  # tfds.core.DatasetBuilder, prepared
+  builder: object  # tfds.core.DatasetBuilder, prepared, stored as TFRecord
   split: str
   num_examples: int
   image_key: str
@@ -76,6 +109,11 @@ class DatasetInfo:
     if split not in self.split_sizes:
       self.split_sizes[split] = self.num_examples_fn(split)
     return self.split_sizes[split]
+
+
+def _first_line(error):
+  text = str(error)
+  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,35 +156,114 @@ def slice_indices(expression, split_sizes):
 
 
 # ---------------------------------------------------------------------------------------------
-# TFDS (and the digits dataset, which is a TFDS builder prepared locally).
+# The embedded digits: arrays from scikit-learn, prepared once into data_dir.
 
 _array_cache = {}
 _array_cache_lock = threading.Lock()
 
 
+class DigitsSource:
+  """scikit-learn digits (1797 images, 8x8, 10 classes), fixed 80/20 train/test split."""
+
+  description = 'digits'
+  num_classes = 10
+  class_names = [str(digit) for digit in range(10)]
+
+  def __init__(self, cfg):
+    data_dir = epath.Path(cfg.data_dir).expanduser()
+    self.path = data_dir / digits.DIGITS_FILE
+    key = ('digits', os.fspath(self.path))
+    with _array_cache_lock:
+      if key not in _array_cache:
+        _array_cache[key] = self._prepare(data_dir)
+      self.splits = _array_cache[key]
+
+  def _prepare(self, data_dir):
+    if not self.path.exists():
+      with _preparing(os.fspath(data_dir), digits.DIGITS_NAME):
+        if not self.path.exists():
+          log.info('Preparing the embedded digits dataset in %s', self.path)
+          data_dir.mkdir(parents=True, exist_ok=True)
+          arrays = {f'{split}_{kind}': array for split, pair in digits.digits_splits().items()
+                    for kind, array in zip(('images', 'labels'), pair)}
+          _atomic_write(self.path, lambda f: np.savez(f, **arrays))
+    with self.path.open('rb') as f, np.load(f) as stored:
+      return {split: ArraySplit(stored[f'{split}_images'],
+                                stored[f'{split}_labels'].astype(np.int32))
+              for split in digits.SPLITS}
+
+  def _named(self, name):
+    if name not in self.splits:
+      raise DataError(f'digits: bad split {name!r} (splits: {", ".join(digits.SPLITS)})')
+    return self.splits[name]
+
+  def num_examples(self, split):
+    sizes = lambda name: self._named(name).num_examples
+    return sum(stop - start for _, start, stop in slice_indices(split, sizes))
+
+  def load(self, split, cache):
+    del cache  # always in memory: 1797 images of 8x8
+    sizes = lambda name: self._named(name).num_examples
+    parts = [(self._named(name), start, stop)
+             for name, start, stop in slice_indices(split, sizes)]
+    if sum(stop - start for _, start, stop in parts) == 0:
+      raise DataError(f'split {split!r} of digits has no images')
+    return ArraySplit(np.concatenate([part.images[start:stop] for part, start, stop in parts]),
+                      np.concatenate([part.labels[start:stop] for part, start, stop in parts]))
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS: read through tfds.data_source (ArrayRecord) without TensorFlow; TFRecord needs the
+# TensorFlow extra (tfrecord.py).
+
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise DataError(f'TFDS sources need tensorflow-datasets ({_first_line(error)}): '
+                    'pip install tensorflow-datasets array-record') from None
+  return tfds
+
+
+def _needs_tensorflow(error):
+  """Whether `error` (or one in its chain) is the failed import of TensorFlow."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, ImportError) and "No module named 'tensorflow" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class TfdsSource:
 
-  def __init__(self, cfg, builder, description):
-    self.description = description
+  def __init__(self, cfg, builder, name):
+    tfds = _import_tfds()
+    self.description = f'TFDS dataset {name!r}'
+    self.name = name
     self.builder = builder
     self.image_key = cfg.image_key
     self.label_key = cfg.label_key
     features = builder.info.features
     for key in (self.image_key, self.label_key):
       if key not in features:
-        raise DataError(f'{description} has no feature {key!r} (features: '
+        raise DataError(f'{self.description} has no feature {key!r} (features: '
                         f'{", ".join(sorted(features.keys()))}); set data.image_key/label_key')
     label_feature = features[self.label_key]
     if not isinstance(label_feature, tfds.features.ClassLabel):
-      raise DataError(f'{description}: feature {self.label_key!r} is not a class label '
+      raise DataError(f'{self.description}: feature {self.label_key!r} is not a class label '
                       f'({type(label_feature).__name__}); set data.label_key')
     if not isinstance(features[self.image_key], tfds.features.Image):
-      raise DataError(f'{description}: feature {self.image_key!r} is not an image '
+      raise DataError(f'{self.description}: feature {self.image_key!r} is not an image '
                       f'({type(features[self.image_key]).__name__}); set data.image_key')
     self.num_classes = int(label_feature.num_classes)
     self.class_names = list(label_feature.names)
     self.image_shape = tuple(features[self.image_key].shape)
     self.cache_max_bytes = cfg.cache_max_gb * 2**30
+    self.file_format = builder.info.file_format
+    self.random_access = self.file_format in tfds.core.FileFormat.with_random_access()
 
   def num_examples(self, split):
     try:
@@ -160,42 +277,55 @@ class TfdsSource:
     num_examples = self.num_examples(split)
     if num_examples == 0:
       raise DataError(f'{self.description}: split {split!r} has no examples')
+    if not self.random_access:
+      self._check_tensorflow()
     fixed_size = None not in self.image_shape
     if cache and fixed_size:
       cache_bytes = num_examples * int(np.prod(self.image_shape[:2])) * 3
       if cache_bytes > self.cache_max_bytes:
-        log.warning('%s split %r: %.1f GB decoded is over data.cache_max_gb; streaming it',
-                    self.description, split, cache_bytes / 2**30)
+        log.warning('%s split %r: %.1f GB decoded is over data.cache_max_gb; decoding it at '
+                    'every read', self.description, split, cache_bytes / 2**30)
         cache = False
-    if not (cache and fixed_size):
-      return TfdsStreamSplit(self.builder, split, num_examples, self.image_key, self.label_key)
-    key = (self.builder.data_dir, split, self.image_key, self.label_key)
-    with _array_cache_lock:
-      if key not in _array_cache:
-        _array_cache[key] = self._read_arrays(split)
-      return _array_cache[key]
+    if cache and fixed_size:
+      key = (os.fspath(self.builder.data_dir), split, self.image_key, self.label_key)
+      with _array_cache_lock:
+        if key not in _array_cache:
+          _array_cache[key] = self._read_arrays(split)
+        return _array_cache[key]
+    if self.random_access:
+      return self._records(split)
+    return TfdsStreamSplit(self.builder, split, num_examples, self.image_key, self.label_key)
+
+  def _check_tensorflow(self):
+    try:
+      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      raise DataError(
+          f'{self.description} is stored as {self.file_format.value}, which needs TensorFlow to '
+          f'read: {TF_EXTRA}; or prepare it as ArrayRecord (tfds build {self.name} '
+          f'--file_format=array_record --data_dir={self.builder.data_dir_root})') from None
+
+  def _records(self, split):
+    tfds = _import_tfds()
+    source = self.builder.as_data_source(
+        split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    return RecordSplit(source, self.image_key, self.label_key, self.description)
 
   def _read_arrays(self, split):
-    dataset = self.builder.as_dataset(split=split, shuffle_files=False)
-    images, labels = [], []
-    for batch in tfds.as_numpy(dataset.batch(1024)):
-      images.append(batch[self.image_key])
-      labels.append(batch[self.label_key])
-    images = as_rgb(np.concatenate(images))
-    return ArraySplit(images, np.concatenate(labels).astype(np.int32))
-
-
-def as_rgb(images):
-  """uint8 [..., H, W, C] with C in 1 (gray), 3, 4 (alpha dropped) -> [..., H, W, 3]."""
-  channels = images.shape[-1]
-  if channels == 1:
-    return np.repeat(images, 3, axis=-1)
-  if channels == 4:
-    return images[..., :3]
-  return images
+    if self.random_access:
+      records = self._records(split)
+      with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
+        examples = list(pool.map(records.read, range(records.num_examples), chunksize=256))
+    else:
+      from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
+      examples = [(decode_image(image), label) for image, label in tfrecord.read_examples(
+          self.builder, split, self.image_key, self.label_key)]
+    images = np.stack([image for image, _ in examples])
+    return ArraySplit(images, np.asarray([label for _, label in examples], np.int32))
 
 
 def _tfds_source(cfg, name):
+  tfds = _import_tfds()
   data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
   description = f'TFDS dataset {name!r}'
   try:
@@ -208,25 +338,21 @@ def _tfds_source(cfg, name):
   if not builder.is_prepared():
     if not cfg.download:
       raise DataError(f'{description} is not prepared under {data_dir} (data.data_dir); '
-                      'prepare it with `tfds build` or set data.download=True')
+                      f'prepare it with `tfds build {name} --file_format=array_record` or set '
+                      'data.download=True')
     with _preparing(data_dir, name):
-      builder = tfds.builder(name, data_dir=data_dir)
+      # Prepared as ArrayRecord, which Grain reads by index without TensorFlow.
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
       if not builder.is_prepared():
-        builder.download_and_prepare()
-  return TfdsSource(cfg, builder, description)
-
-
-def _digits_source(cfg):
-  data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
-  builder = SjmaeDigits(data_dir=data_dir)
-  if not builder.is_prepared():
-    with _preparing(data_dir, DIGITS_NAME):
-      builder = SjmaeDigits(data_dir=data_dir)
-      if not builder.is_prepared():
-        log.info('Preparing the embedded digits dataset under %s', data_dir)
-        builder.download_and_prepare()
-  # digits is always held in memory: 1797 images of 8x8.
-  return TfdsSource(cfg, builder, 'digits')
+        try:
+          builder.download_and_prepare()
+        except Exception as error:  # pylint: disable=broad-except
+          if not _needs_tensorflow(error):
+            raise
+          raise DataError(f'preparing {description} needs TensorFlow: {TF_EXTRA}; or prepare '
+                          f'it where TensorFlow is installed (tfds build {name} '
+                          f'--file_format=array_record --data_dir={data_dir})') from None
+  return TfdsSource(cfg, builder, name)
 
 
 @contextlib.contextmanager
@@ -448,16 +574,15 @@ def _subdirectories(path):
 
 
 def _decode_file(path):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  """(uint8 [H, W, 3] image, None) or (None, one-line reason)."""
   try:
     encoded = epath.Path(path).read_bytes()
   except OSError as error:
     return None, f'{type(error).__name__}: {error}'
   try:
-    with Image.open(io.BytesIO(encoded)) as image:
-      return np.asarray(image.convert('RGB')), None
+    return decode_image(encoded), None
   except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
-    return None, f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    return None, _first_line(error)
 
 
 def _atomic_write(path, write):
@@ -474,11 +599,11 @@ def _atomic_write(path, write):
 def open_source(cfg):
   source = cfg.source
   if source == 'digits':
-    return _digits_source(cfg)
+    return DigitsSource(cfg)
   if source.startswith('tfds:'):
     name = source[len('tfds:'):]
-    if name in ('digits', DIGITS_NAME):
-      return _digits_source(cfg)
+    if name in ('digits', digits.DIGITS_NAME):
+      return DigitsSource(cfg)
     return _tfds_source(cfg, name)
   if source.startswith('folder:'):
     return FolderSource(cfg, source[len('folder:'):])

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
-from sjmae_jax import checkpointing, data, optim, paths, sharding
+from sjmae_jax import checkpointing, data, metric_writers, optim, paths, sharding
 from sjmae_jax.evaluation import common, layer_decay, mixup
 from sjmae_jax.trainer import TimeBudget
 

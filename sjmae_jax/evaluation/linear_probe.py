@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
-from sjmae_jax import data, optim, paths, sharding
+from sjmae_jax import data, metric_writers, optim, paths, sharding
 from sjmae_jax.evaluation import common
 from sjmae_jax.evaluation.lars import lars
 from sjmae_jax.models.heads import BatchNorm
