@@ -3,15 +3,18 @@
   python benchmarks/input_pipeline.py                      # both cases, all cores
   python benchmarks/input_pipeline.py --cores 1            # pinned to one core
   python benchmarks/input_pipeline.py --case cifar_simclr --split-stages
+  python benchmarks/input_pipeline.py --smoke              # seconds, on generated images
 
 Cases:
-  cifar_simclr  CIFAR-10 ImageFolder (real JPEGs, default ../shared/data/cifar10 or
-                $SJMAE_CIFAR10_DIR) at 32 px, simclr recipe, two views, decoded uint8 cached in
-                memory (the prepared cache is built on the first run, timed separately).
+  cifar_simclr  CIFAR-10 ImageFolder (real JPEGs, $SJMAE_CIFAR10_DIR or --cifar-dir) at 32 px,
+                SJ-MAE's views (simclr recipe, two views), decoded uint8 cached in memory (the
+                prepared cache is built on the first run, timed separately).
   jpeg224_rrc   A temporary folder of 224 px JPEGs (CIFAR images upsampled), decoded every step,
                 RandomResizedCrop + flip (mae recipe) at 224 px.
---split-stages also times the host part alone (data.augment_on_device=True: everything the
-host still does when the views are computed on the accelerator).
+Each case times the views finished on the host (data.augment_on_device=False); --split-stages
+also times the pre-batches alone (data.augment_on_device=True, the default on accelerators:
+everything the host still does when the views are computed in the training step).
+--smoke runs both cases on a small generated CIFAR-shaped folder (no CIFAR-10 needed).
 """
 
 import argparse
@@ -31,9 +34,10 @@ def parse_args():
   parser.add_argument('--steps', type=int, default=30, help='timed steps (after warm-up)')
   parser.add_argument('--jpegs', type=int, default=2000, help='224 px JPEGs to generate')
   parser.add_argument('--split-stages', action='store_true')
-  parser.add_argument('--cifar-dir', default=os.environ.get(
-      'SJMAE_CIFAR10_DIR', os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
-                                        'shared', 'data', 'cifar10')))
+  parser.add_argument('--smoke', action='store_true',
+                      help='a generated 64-image folder, batch 16, 3 steps, --split-stages')
+  parser.add_argument('--cifar-dir', default=None,
+                      help='CIFAR-10 ImageFolder (default: $SJMAE_CIFAR10_DIR, as configs use)')
   parser.add_argument('--data-dir', default=None,
                       help='where prepared caches go (default: a temporary directory)')
   return parser.parse_args()
@@ -47,18 +51,25 @@ def main():
     os.sched_setaffinity(0, available[:args.cores])
   cores = len(os.sched_getaffinity(0))
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-  from sjmae_jax import data  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from sjmae_jax import config_lib, data
+  # pylint: enable=import-outside-toplevel
 
   work_dir = tempfile.TemporaryDirectory(prefix='sjmae_bench_')
   data_dir = args.data_dir or work_dir.name
-  print(f'cores: {cores} (of {len(available)}), batch {args.batch}, {args.steps} timed steps')
+  if args.smoke:
+    args.cifar_dir = make_cifar_shaped_folder(os.path.join(work_dir.name, 'cifar'), 64)
+    args.batch, args.steps, args.jpegs, args.split_stages = 16, 3, 16, True
+  args.cifar_dir = args.cifar_dir or config_lib.cifar10_dir()
+  print(f'cores: {cores} (of {len(available)}), batch {args.batch}, {args.steps} timed steps, '
+        f'{"TensorFlow loaded" if "tensorflow" in sys.modules else "no TensorFlow"}')
 
   def measure(cfg, label):
     start = time.perf_counter()
     train = data.build_train_pipeline(cfg, global_batch_size=args.batch, seed=0,
                                       process_index=0, process_count=1)
     build = time.perf_counter() - start
-    for _ in range(3):  # warm-up: tf.data start, jit compile
+    for _ in range(3):  # warm-up: Grain threads start, jit compile
       next(train)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -84,10 +95,11 @@ def main():
                              process_count=1)  # prepares the decoded cache of the train split
     print(f'prepare CIFAR-10 train ({info.num_examples("train")} JPEGs -> uint8 cache): '
           f'{time.perf_counter() - start:.1f} s')
+    cfg.augment_on_device = False
     measure(cfg, '(a) CIFAR-10 32px simclr x2, host')
     if args.split_stages:
       cfg.augment_on_device = True
-      measure(cfg, '(a) same, host part only (augment_on_device)')
+      measure(cfg, '(a) same, pre-batches only (augment_on_device)')
 
   if args.case in ('jpeg224_rrc', 'all'):
     root = os.path.join(work_dir.name, 'jpeg224')
@@ -100,11 +112,27 @@ def main():
     cfg.img_size = 224
     cfg.views = ['mae']
     cfg.cache = False  # decode every step
+    cfg.augment_on_device = False
     measure(cfg, '(b) 224px JPEG decode + RRC + flip, host')
     if args.split_stages:
       cfg.augment_on_device = True
-      measure(cfg, '(b) same, host part only (augment_on_device)')
+      measure(cfg, '(b) same, pre-batches only (augment_on_device)')
   work_dir.cleanup()
+
+
+def make_cifar_shaped_folder(root, count):
+  """ROOT/{train,test}/<class>/*.jpg: `count` (train) and count / 4 (test) random 32 px JPEGs in
+  4 classes (for --smoke)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for split, split_count in (('train', count), ('test', count // 4)):
+    for index in range(split_count):
+      class_dir = os.path.join(root, split, f'class{index % 4}')
+      os.makedirs(class_dir, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+          os.path.join(class_dir, f'{index}.jpg'), quality=90)
+  return root
 
 
 def make_jpeg_folder(cifar_dir, root, count):

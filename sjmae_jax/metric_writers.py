@@ -10,6 +10,7 @@ needs only NumPy and protobuf. `tensorboard --logdir WORKDIR/tensorboard` reads 
 """
 import io
 import os
+import time
 
 import numpy as np
 from absl import logging
@@ -75,43 +76,50 @@ class _ObjectStoreFactory:
 
 
 class TensorBoardWriter:
-  """Scalars, images and hyperparameters as TensorBoard event files in `logdir`."""
+  """Scalars, images and hyperparameters as TensorBoard events in one event file in `logdir`.
+
+  Summaries are made by tensorboardX and written synchronously with its EventsWriter (its
+  SummaryWriter queues events for a thread, so flush() would not mean written).
+  """
 
   def __init__(self, logdir):
-    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from tensorboardX import event_file_writer, record_writer, summary
+    from tensorboardX.proto import event_pb2
+    # pylint: enable=import-outside-toplevel
+    self._summary, self._event = summary, event_pb2.Event
     logdir = os.fspath(logdir)
     if "://" in logdir:  # instead of tensorboardX's own gs:// / s3:// clients
       record_writer.register_writer_factory(logdir.split("://")[0], _ObjectStoreFactory())
-    self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+    record_writer.directory_check(logdir)
+    self._events = event_file_writer.EventsWriter(os.path.join(logdir, "events"))
+
+  def _write(self, summary, step=0) -> None:
+    self._events.write_event(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
   def write_scalars(self, step: int, scalars) -> None:
     for key, value in scalars.items():
-      self._writer.add_scalar(key, float(value), global_step=step)
+      self._write(self._summary.scalar(key, float(value)), step)
 
   def write_images(self, step: int, images) -> None:
     """{key: [N, H, W, C] or [H, W, C]}: float in [0, 1] (clipped) or uint8; C = 1 or 3.
     A batch of images is written as one grid."""
     for key, value in images.items():
       value = np.asarray(value)
-      if value.dtype != np.uint8:
-        value = np.clip(value.astype(np.float32), 0.0, 1.0)
-      if value.ndim == 3:
-        self._writer.add_image(key, value, global_step=step, dataformats="HWC")
-      else:
-        self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
+      value = (np.clip(value.astype(np.float32), 0.0, 1.0) if value.dtype != np.uint8
+               else value.astype(np.float32) / 255.0)
+      dataformats = "HWC" if value.ndim == 3 else "NHWC"
+      self._write(self._summary.image(key, value, dataformats=dataformats), step)
 
   def write_hparams(self, hparams) -> None:
-    from tensorboardX.summary import hparams as hparams_summaries  # pylint: disable=import-outside-toplevel
-    file_writer = self._writer._get_file_writer()  # pylint: disable=protected-access
-    # In this run's own event file (tensorboardX's add_hparams would start a new run).
-    for summary in hparams_summaries({k: _as_hparam(v) for k, v in hparams.items()}, {}):
-      file_writer.add_summary(summary)
+    for summary in self._summary.hparams({k: _as_hparam(v) for k, v in hparams.items()}, {}):
+      self._write(summary)
 
   def flush(self) -> None:
-    self._writer.flush()
+    self._events.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    self._events.close()
 
 
 class MultiWriter:

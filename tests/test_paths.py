@@ -201,3 +201,16 @@ def test_tokenizer_files_round_trip_on_gs(bucket):
   arrays = found.load_arrays()
   np.testing.assert_array_equal(arrays["codebook"], codebook)
   jax.tree.map(np.testing.assert_array_equal, arrays["encoder"], jax.device_get(params))
+
+
+def test_tensorboard_event_files_go_to_gs(bucket):
+  from sjmae_jax import metric_writers
+  writer = metric_writers.create_default_writer(bucket / "run" / "tensorboard")
+  writer.write_scalars(1, {"loss": 2.0})
+  writer.flush()
+  (event_file,) = stored_files("/bucket/run/tensorboard/")
+  assert "events.out.tfevents" in event_file
+  flushed = len(InMemoryGcs.store[event_file].getvalue())
+  writer.write_scalars(2, {"loss": 1.0})
+  writer.close()
+  assert len(InMemoryGcs.store[event_file].getvalue()) > flushed  # rewritten with the new event

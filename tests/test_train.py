@@ -111,6 +111,10 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
                                                        "stop_at_step": 20})
   assert first.returncode == 0, first.stderr[-3000:]
   assert checkpointing.Checkpointer(tmp_path / "resumed").latest_step() == 20
+  # The input pipeline's state is saved with the checkpoint and is what the resumed run starts from.
+  data_state = checkpointing.Checkpointer(tmp_path / "resumed", read_only=True).data_state(20)
+  assert data_state["step"] == 20 and data_state["grain"] == {"next_index": 20}
+  assert (data_state["source"], data_state["num_examples"]) == ("digits", 1438)
   second = run_train(tmp_path / "resumed", overrides={"epochs": 1, "warmup_epochs": 0.5})
   assert second.returncode == 0, second.stderr[-3000:]
   assert "from step 20" in second.stdout
