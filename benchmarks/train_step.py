@@ -28,6 +28,7 @@ and in the step on the device (data.augment_on_device=True, as train.py does wit
 Printed: one detail line per measurement, then a markdown table in BENCHMARKS.md's column order.
 """
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -399,7 +400,7 @@ def cifar10_dir(args) -> str:
 
 
 def e2e_pipeline(config, args, views_on_device: bool):
-  data_config = config.data.copy_and_resolve_references()
+  data_config = copy.deepcopy(config.data)  # keeps augment_on_device's bool-or-'auto' type
   data_config.source = f"folder:{cifar10_dir(args)}"
   if args.data_dir:
     data_config.data_dir = args.data_dir

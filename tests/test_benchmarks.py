@@ -257,6 +257,7 @@ def test_smoke_run_mae_and_sjmae_with_peer_and_append(tmp_path):
                    r"`python benchmarks/train_step.py --smoke --method mae,sjmae", appended, re.M)
 
 
+@pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
 def test_smoke_run_end_to_end_and_levers(tmp_path):
   from PIL import Image
   rng = np.random.default_rng(0)

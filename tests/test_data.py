@@ -4,6 +4,7 @@ downloaded: the digits dataset is prepared from scikit-learn, folders and small 
 generated here with PIL. No test here needs TensorFlow except the TFRecord ones, which say so."""
 
 import colorsys
+import copy
 import functools
 import importlib.util
 import json
@@ -474,8 +475,11 @@ def test_augment_on_device_is_auto_on_accelerators_and_explicit_otherwise():
   assert data.pipeline.resolve_augment_on_device('auto') == (jax.default_backend() != 'cpu')
   assert data.pipeline.resolve_augment_on_device(True) is True
   assert data.pipeline.resolve_augment_on_device(False) is False
+  assert data.pipeline.resolve_augment_on_device('False') is False  # from a resolved config
   cfg = data.default_config()
   cfg.augment_on_device = True  # a bool where the default is a string: accepted
+  cfg = copy.deepcopy(cfg)
+  cfg.augment_on_device = 'auto'  # and back, on a copy
   assert 'yes' in one_line_error(data.pipeline.resolve_augment_on_device, 'yes')
 
 

@@ -65,6 +65,7 @@ def readme_run(checkout):
   return args, result, checkout / workdir_arg
 
 
+@pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
 def test_readme_main_command_works_as_typed_and_a_rerun_changes_nothing(readme_run, checkout):
   args, result, workdir = readme_run
   assert result.returncode == 0, result.stderr[-3000:]
@@ -87,6 +88,7 @@ def test_readme_main_command_works_as_typed_and_a_rerun_changes_nothing(readme_r
   assert snapshot(workdir) == before  # summary.json, checkpoints, event files: all unchanged
 
 
+@pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
 def test_evaluators_and_export_take_paths_relative_to_the_current_directory(readme_run, tmp_path):
   _, result, pretrained = readme_run
   assert result.returncode == 0, result.stderr[-3000:]

@@ -69,11 +69,14 @@ def dataset_info(cfg):
 
 
 def resolve_augment_on_device(value):
-  """data.augment_on_device: True / False, or 'auto' = on when JAX computes on an accelerator."""
+  """data.augment_on_device: True / False, or 'auto' = on when JAX computes on an accelerator.
+  'True' / 'False' as strings too (a config whose references were resolved keeps a str field)."""
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
   if value == 'auto':
     return jax.default_backend() != 'cpu'
+  if str(value).lower() in ('true', 'false'):
+    return str(value).lower() == 'true'
   raise DataError(f"data.augment_on_device={value!r} (expected 'auto', True or False)")
 
 
