@@ -3,8 +3,8 @@
   python benchmarks/profile_ops.py TRACE_DIR [--top 20]
 
 Reads the newest *.xplane.pb under TRACE_DIR (written by jax.profiler.trace, e.g. by
-`train_step.py --profile TRACE_DIR`) with the XPlane protobuf that TensorFlow ships, and sums
-event durations by name: on a GPU or TPU the device plane's 'XLA Ops' line when the trace has
+`train_step.py --profile TRACE_DIR`) with jaxlib's own XSpace reader (jax.profiler.ProfileData;
+no TensorFlow), and sums event durations by name: on a GPU or TPU the device plane's 'XLA Ops' line when the trace has
 one, else the kernels on all its stream lines; on a CPU the XLA executor threads of the host
 plane, whose times overlap (threads run in parallel), so there the shares are of busy time.
 """
@@ -32,43 +32,38 @@ def _op_lines(space):
     plane = devices[0]
     ops = [line for line in plane.lines if line.name == "XLA Ops"]
     return plane, ops or [line for line in plane.lines if line.name not in SKIPPED_DEVICE_LINES]
-  host = next(plane for plane in space.planes if plane.name == "/host:CPU")
+  host = space.find_plane_with_name("/host:CPU")
   return host, [line for line in host.lines if line.name.startswith("tf_XLA")]
 
 
 SOURCE_STATS = ("tf_op", "long_name", "hlo_op")  # first found names an op's origin
 
 
-def _source_op(plane, event, metadata) -> str:
+def _source_op(event) -> str:
   """Where an op or kernel came from, when the trace says: the framework op (JAX's name stack),
-  else the HLO op of a GPU kernel."""
-  names = {key: value.name for key, value in plane.stat_metadata.items()}
+  else the HLO op of a GPU kernel. (An event's stats include its metadata's.)"""
   found = {}
-  for stat in list(event.stats) + list(metadata.stats):
-    name = names.get(stat.metadata_id)
+  for name, value in event.stats:
     if name in SOURCE_STATS and name not in found:
-      found[name] = stat.str_value or (names.get(stat.ref_value, "") if stat.ref_value else "")
+      found[name] = str(value)
   return next((found[name] for name in SOURCE_STATS if found.get(name)), "")
 
 
 def top_ops(trace_dir: str, count: int = 20):
   """(device name, [(op, picoseconds, share of the total, source op)]) of the newest trace."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
-  space = xplane_pb2.XSpace()
-  with open(newest_trace(trace_dir), "rb") as f:
-    space.ParseFromString(f.read())
+  from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+  space = ProfileData.from_file(newest_trace(trace_dir))
   plane, lines = _op_lines(space)
   durations = collections.Counter()
   sources = {}
   for line in lines:
     for event in line.events:
-      metadata = plane.event_metadata[event.metadata_id]
-      name = metadata.display_name or metadata.name
+      name = event.name
       if "::" in name:  # runtime regions around the ops (ThunkExecutor::Execute, ...)
         continue
-      durations[name] += event.duration_ps
+      durations[name] += round(event.duration_ns * 1000)
       if name not in sources:
-        sources[name] = _source_op(plane, event, metadata)
+        sources[name] = _source_op(event)
   total = sum(durations.values()) or 1
   return plane.name, [(name, ps, ps / total, sources[name])
                       for name, ps in durations.most_common(count)]

@@ -201,6 +201,7 @@ def test_auto_attention_is_xla_off_gpu():
       jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+@pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
 def test_profile_summary_names_the_ops(tmp_path):
   from benchmarks import profile_ops
 

@@ -183,8 +183,14 @@ class DigitsSource:
       with _preparing(os.fspath(data_dir), digits.DIGITS_NAME):
         if not self.path.exists():
           log.info('Preparing the embedded digits dataset in %s', self.path)
+          try:
+            splits = digits.digits_splits()
+          except ImportError as error:
+            raise DataError(f'preparing the digits dataset needs scikit-learn ({error}): pip '
+                            f'install scikit-learn, or copy {digits.DIGITS_FILE} prepared by '
+                            f'another run into data.data_dir ({data_dir})') from None
           data_dir.mkdir(parents=True, exist_ok=True)
-          arrays = {f'{split}_{kind}': array for split, pair in digits.digits_splits().items()
+          arrays = {f'{split}_{kind}': array for split, pair in splits.items()
                     for kind, array in zip(('images', 'labels'), pair)}
           _atomic_write(self.path, lambda f: np.savez(f, **arrays))
     with self.path.open('rb') as f, np.load(f) as stored:
