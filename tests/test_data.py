@@ -784,6 +784,20 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
   assert next(train)['images'].shape == (4, 1, 8, 8, 3)
 
 
+def test_image_missing_at_read_time_fails_with_one_line_naming_it(tmp_path):
+  # Files decoded at every read (cache=False) can disappear after the folder was listed: the
+  # error comes out of Grain's reading threads as the same one-line DataError.
+  root = tmp_path / 'images'
+  write_folder(str(root), {'train': {'a': 4, 'b': 4}})
+  cfg = digits_config(str(tmp_path / 'cache'), source=f'folder:{root}', img_size=8, cache=False)
+  train = data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                    process_count=1)
+  gone = root / 'train' / 'b' / '002.png'
+  gone.unlink()
+  message = one_line_error(take, train, 2)  # one epoch: every file is read
+  assert f'cannot decode image {gone}' in message and 'FileNotFoundError' in message
+
+
 def test_bad_folders_fail_with_one_line(tmp_path):
   cache = str(tmp_path / 'cache')
   build = lambda root, split='train': data.build_train_pipeline(

@@ -236,7 +236,7 @@ class _TrainOrder:
   def _draw_uniforms(self, epoch, batch):
     uniforms = augment_host.draw_uniforms((self.seed, _AUGMENT_SALT, epoch, batch),
                                           (self.global_batch, self.num_views))
-    return uniforms[self.local]
+    return uniforms[self.local].copy()  # a copy: the cache keeps this process's rows only
 
   def indices(self, step):
     epoch, batch = divmod(step, self.steps_per_epoch)
@@ -424,7 +424,7 @@ class EvalPipeline:
     # The default eval recipe draws nothing random; a custom one still gets fixed numbers.
     self._uniforms = functools.lru_cache(maxsize=16)(
         lambda batch: augment_host.draw_uniforms((0, _EVAL_SALT, batch),
-                                                 (global_batch_size, 1))[local])
+                                                 (global_batch_size, 1))[local].copy())
 
   def __len__(self):
     return self.num_batches
