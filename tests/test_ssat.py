@@ -190,11 +190,12 @@ def test_classification_monitor_counts_valid_eval_examples_only():
 
 @pytest.mark.parametrize("variant", ["ssat", "fgcr"])
 def test_ssat_trains_on_digits_and_reports_eval_top1(tmp_path, variant):
-  overrides = {"stop_at_step": 3, "log_every_steps": 3}
+  # The whole (tiny) schedule: monitors report at its end, not at an early stop_at_step.
+  overrides = {"epochs": 1, "batch_size": 448, "log_every_steps": 3}  # 3 steps
   if variant == "fgcr":
     overrides.update({"ssat.views": 3, "ssat.beta": 1e-3})
   summary = trainer.train_and_evaluate(small_config(**overrides), str(tmp_path))
-  assert summary["step"] == 3
+  assert summary["step"] == summary["total_steps"] == 3
   assert 0.0 <= summary["eval/top1"] <= 1.0
   terms = ["loss/ce", "loss/mae", "train/top1"]
   if variant == "fgcr":
