@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 
 # Libraries whose INFO/WARNING chatter (Orbax's per-save lines, TFDS's preparation, etils) is hidden
 # unless --verbosity asks for it; their errors always show.
-QUIET_LOGGERS = ("orbax", "tensorflow_datasets", "etils", "grain", "absl")
+QUIET_LOGGERS = ("orbax", "tensorflow_datasets", "etils", "grain")
 QUIET_MODULE_PATHS = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/", "/clu/")
 
 

@@ -567,9 +567,8 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   checkpoints = paths.shown(checkpointer.directory)
   if stopped:
     by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received
-    if is_main:
-      print(f"Stopped by {by} at step {step}: checkpoint saved in {checkpoints}; run the same "
-            f"command to resume", flush=True)
+    print(f"Stopped by {by} at step {step}: checkpoint saved in {checkpoints}; run the same "
+          f"command to resume", flush=True)  # every process: each log says where it stopped
     return dict(summary, preempted=True, stopped_by=preemption.received)
   if is_main:
     checkpointing.write_text_atomically(workdir / "summary.json",

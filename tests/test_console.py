@@ -48,6 +48,7 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_other_lines_go_above_it(
 def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors():
   handler = absl_logging.get_absl_handler()
   before_filters, before_level = list(handler.filters), absl_logging.get_verbosity()
+  before_levels = {name: logging.getLogger(name).level for name in (*console.QUIET_LOGGERS, "absl")}
   try:
     console.quiet_logs()
     make = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", (), None)
@@ -58,4 +59,6 @@ def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors():
     assert absl_logging.get_verbosity() == absl_logging.WARNING
   finally:
     handler.filters[:] = before_filters
-    absl_logging.set_verbosity(before_level)
+    absl_logging.set_verbosity(before_level)  # sets the absl logger's level: put it back too
+    for name, level in before_levels.items():
+      logging.getLogger(name).setLevel(level)
