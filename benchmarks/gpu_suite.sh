@@ -19,15 +19,15 @@
 #
 # Rows and the command go to BENCHMARKS.md (--append); the output goes to $OUT/STAGE.log (OUT
 # defaults to runs/bench_out/) and BENCHMARKS.md is copied to $OUT/ too, so that a remote
-# machine's results come back with $OUT. Environment: PYTHON (default python), SJMAE_CIFAR10_DIR (the
-# CIFAR-10 ImageFolder; default ../shared/data/cifar10), MAE_DIR (for `official` and `speed`; a
+# machine's results come back with $OUT. Environment: PYTHON (default python), SJMAE_CIFAR10_DIR
+# (the CIFAR-10 ImageFolder; default ../shared/data/cifar10), MAE_DIR (for `official` and `speed`; a
 # clone of facebookresearch/mae, default runs/mae), SJMAE_DIR (for `speed`: a clone of
 # JulesCollenne/SJ-MAE, default runs/sjmae), CACHE_DIR (`speed`'s compilation caches, default
 # /tmp/sjmae_jax_speed_cache: a second call of the stage on the same machine compiles nothing).
 # SMOKE=1 runs the stage's options at train_step.py's --smoke sizes (tiny model, batch 8, CPU in
 # seconds per row) and appends to $OUT/BENCHMARKS.md only: the CI check that every stage runs.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-python}
 out=${OUT:-runs/bench_out}
 stage=${1:-}
@@ -71,10 +71,11 @@ run_stage() {
       if XLA_FLAGS="$autotune" "$python" -c "import jax; jax.devices()" >/dev/null 2>&1; then
         export XLA_FLAGS="${XLA_FLAGS:-} $autotune"  # shared by the xla_flags rows' processes
       fi
+      # the levers in the order of their predicted gain (docs/performance.md)
+      levers=gather_impl,norm_impl,gelu_impl,xla_flags,cast_params_once,gelu_approximate
       bench --method mae,sjmae --model vit_base --img 224 --batch 256 \
         --peer "timm,mae:${MAE_DIR:-runs/mae},sjmae:${SJMAE_DIR:-runs/sjmae}" \
-        --levers gather_impl,norm_impl,gelu_impl,xla_flags,cast_params_once,gelu_approximate,attention,batch \
-        --levers-for mae --best --profile "$out/profile" \
+        --levers "$levers,attention,batch" --levers-for mae --best --profile "$out/profile" \
         --steps 10 --repeats 3 --warmup 2 --deadline 330 ;;
     base)
       bench --method mae,sjmae --model vit_base --img 224 --batch 256 --peer timm \

@@ -26,7 +26,8 @@ _CAST_ONLY_OPS = {"parameter", "convert", "bitcast", "broadcast", "reshape", "co
                   "constant", "tuple", "get-tuple-element"}
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\(")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)=\{?([^,}]+(?:, %[^,}]+)*)\}?")
+_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)="
+                     r"\{?([^,}]+(?:, %[^,}]+)*)\}?")
 
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,

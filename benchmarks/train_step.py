@@ -685,7 +685,10 @@ def best_setup(base: Setup, base_rate: float, lever_results: list):
         best[field] = (value, rate)
   changes = {field: (" ".join(value) if field == "xla_flags" else value[0])
              for field, value in best.items()}
-  return dataclasses.replace(base, **changes), [lever_tag(k, v) for k, v in changes.items()]
+  combined = dataclasses.replace(base, **changes)
+  won = [lever_tag(field.name, getattr(combined, field.name))
+         for field in dataclasses.fields(Setup) if field.name in changes]
+  return combined, won
 
 
 def measure_lever(method, model, label, setup, args, profile_dir=""):

@@ -5,7 +5,6 @@ prints its table; there are no timing assertions."""
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import sys
 

@@ -108,6 +108,27 @@ def test_exact_levers_together_compute_the_same_step(method):
     assert _relative_error(fast_bf16, ref_grads) < 1.25 * _relative_error(plain_bf16, ref_grads)
 
 
+def test_kernels_cast_once_before_gradient_accumulation():
+  """With micro-batches the kernels are cast once, outside the scan, and each micro-batch's
+  gradients come back in float32 before they are summed: for MAE, whose kernels are each used
+  once, exactly the gradients of the per-use casts."""
+  config = tiny_config("mae", compute_dtype="bfloat16", batch_size=4)
+  model = trainer.build_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  tx = _recording_tx()
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+  images = np.random.default_rng(0).standard_normal((4, 1, 16, 16, 3)).astype(np.float32)
+  batch = {"images": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
+  grads = {}
+  for kernel_dtype in (None, jnp.bfloat16):
+    step = jax.jit(trainer.make_train_step(model, tx, lambda step: 0.0, mesh, 2,
+                                           kernel_dtype=kernel_dtype))
+    grads[kernel_dtype] = step(state, batch)[0]["opt_state"]
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads[jnp.bfloat16]))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), grads[None],
+                                   grads[jnp.bfloat16]))
+
+
 # ----------------------------------------------------------------------------- the pieces
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
