@@ -11,7 +11,10 @@ predictor on both CLS tokens and the InfoNCE logits (B x B x D per batch, so B x
 Not counted: elementwise work (norms, softmax, GELU, losses), masking (argsort, gathers) and the
 optimizer update. XLA's own count (`xla_flops`) includes those, counts a MAC as 2 FLOPs too, and
 skips the input gradient of the patch embedding (the images need none): on small models it is a
-few per cent above the analytic count (see tests/test_benchmarks.py for the measured gap).
+few per cent above the analytic count (see tests/test_benchmarks.py for the measured gap). On a
+GPU XLA's count leaves out the cuBLAS / cuDNN custom calls its compiler makes of the products;
+benchmarks/step_hlo.dot_flops counts from the dot shapes of the lowered program instead, which
+equals the analytic count minus the patch embedding's input gradient.
 """
 import re
 

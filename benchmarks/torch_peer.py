@@ -3,6 +3,7 @@
   python benchmarks/torch_peer.py --peer timm --img 224 --patch 16 --embed-dim 768 --depth 12 \
       --heads 12 --batch 256 --dtype bfloat16
   python benchmarks/torch_peer.py --peer mae:/path/to/facebookresearch/mae ...
+  python benchmarks/torch_peer.py --peer sjmae:/path/to/JulesCollenne/SJ-MAE ...
 
 benchmarks/train_step.py runs it in a subprocess before JAX takes the accelerator's memory (and
 so that torch never shares a process with TensorFlow). Peers:
@@ -12,7 +13,13 @@ so that torch never shares a process with TensorFlow). Peers:
   mae:DIR  facebookresearch/mae's own models_mae.MaskedAutoencoderViT imported from a clone the
         user made (never copied here). Two shims let its 2022 code run on current libraries:
         timm's Block no longer takes `qk_scale` (it was None there anyway) and NumPy >= 1.24 has
-        no `np.float`.
+        no `np.float`;
+  sjmae:DIR  the original SJ-MAE model, models/sj_mae.py's SJ_MAEViT from a clone of
+        github.com/JulesCollenne/SJ-MAE in DIR (never copied here), on two views. Its forward()
+        reads every loss term back to the host (`.item()`, a sync and a torch.compile graph
+        break per term), so the peer composes the same terms from the model's own methods
+        (forward_encoder / forward_decoder / forward_loss / forward_jigsaw / siam_predictor)
+        without those reads; `munch`, imported for that bookkeeping only, is shimmed when absent.
 One step: forward, backward, AdamW (betas 0.9/0.95, weight decay 0.05; fused kernel on CUDA).
 On CUDA: bf16 autocast (AMP; --dtype bfloat16) or TF32 float32, and torch.compile. On CPU (the
 smoke test): eager float32.
@@ -29,7 +36,8 @@ import time
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--peer", default="timm", help="timm | mae:/path/to/facebookresearch/mae")
+  parser.add_argument("--peer", default="timm", help="timm | mae:/path/to/facebookresearch/mae "
+                      "| sjmae:/path/to/SJ-MAE")
   parser.add_argument("--img", type=int, default=224)
   parser.add_argument("--patch", type=int, default=16)
   parser.add_argument("--embed-dim", type=int, default=768)
@@ -40,6 +48,8 @@ def parse_args(argv=None):
   parser.add_argument("--decoder-depth", type=int, default=8)
   parser.add_argument("--decoder-heads", type=int, default=16)
   parser.add_argument("--mask-ratio", type=float, default=0.75)
+  parser.add_argument("--mask-ratio-jigsaw", type=float, default=0.75, help="sjmae")
+  parser.add_argument("--predictor-dim", type=int, default=512, help="sjmae")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
   parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -160,6 +170,52 @@ def build_official_mae(path, args):
   return LossOnly()
 
 
+def build_official_sjmae(path, args):
+  """The original SJ-MAE's SJ_MAEViT from a clone at `path`, wrapped so that
+  forward(view1, view2) gives the joint loss (weights 1/1/1, norm-pix targets, InfoNCE)."""
+  import types  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(os.path.join(path, "models", "sj_mae.py")):
+    raise FileNotFoundError(f"no models/sj_mae.py in {path} (clone "
+                            "https://github.com/JulesCollenne/SJ-MAE there)")
+  try:
+    import munch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:  # only its loss bookkeeping uses it, which the wrapper below skips
+    sys.modules["munch"] = types.SimpleNamespace(Munch=types.SimpleNamespace)
+  sys.path.insert(0, os.path.abspath(path))
+  from models.sj_mae import SJ_MAEViT  # pylint: disable=import-outside-toplevel,import-error
+  model = SJ_MAEViT(
+      img_size=args.img, patch_size=args.patch, in_chans=3, embed_dim=args.embed_dim,
+      depth=args.depth, num_heads=args.heads, decoder_embed_dim=args.decoder_dim,
+      decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
+      mlp_ratio=args.mlp_ratio, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+      norm_pix_loss=True, w_mae=1.0, w_jigsaw=1.0, w_siam=1.0, mask_ratio_mae=args.mask_ratio,
+      mask_ratio_jigsaw=args.mask_ratio_jigsaw, pred_dim=args.predictor_dim)
+
+  class JointLoss(nn.Module):
+    """SJ_MAEViT.forward's three terms, without its per-term `.item()` reads."""
+
+    def __init__(self):
+      super().__init__()
+      self.sjmae = model
+
+    def forward(self, view1, view2):
+      m = self.sjmae
+      latent, mask, ids_restore, _ = m.forward_encoder(view1, True, m.mask_ratio_mae)
+      loss = m.forward_loss(view1, m.forward_decoder(latent, ids_restore), mask) * m.w_mae
+      latent2, _, _, ids_keep2 = m.forward_encoder(view2, False, m.mask_ratio_jigsaw)
+      loss = loss + F.cross_entropy(m.forward_jigsaw(latent2), ids_keep2.reshape(-1)) * m.w_jigsaw
+      z1 = F.normalize(m.siam_predictor(latent[:, 0]), dim=1)
+      z2 = F.normalize(m.siam_predictor(latent2[:, 0]), dim=1)
+      logits = z1 @ z2.T / m.temperature
+      labels = torch.arange(z1.shape[0], device=z1.device)
+      return loss + F.cross_entropy(logits, labels) * m.w_siam
+
+  return JointLoss()
+
+
 def measure(args):
   import torch
   import timm
@@ -173,8 +229,11 @@ def measure(args):
                            args.decoder_heads, args.mask_ratio)
   elif args.peer.startswith("mae:"):
     model = build_official_mae(args.peer[len("mae:"):], args)
+  elif args.peer.startswith("sjmae:"):
+    model = build_official_sjmae(args.peer[len("sjmae:"):], args)
   else:
-    raise ValueError(f"--peer {args.peer!r}: expected timm or mae:/path/to/mae")
+    raise ValueError(f"--peer {args.peer!r}: expected timm, mae:/path/to/mae or "
+                     "sjmae:/path/to/SJ-MAE")
   model = model.to(device).train()
   num_params = sum(p.numel() for p in model.parameters())
   trainable = [p for p in model.parameters() if p.requires_grad]
@@ -188,11 +247,12 @@ def measure(args):
   else:  # CPU runs are smoke tests: on a busy shared machine OpenMP's spinning threads made
     torch.set_num_threads(1)  # the tiny step ~100x slower than one thread
   forward = torch.compile(model) if compiled else model
-  images = torch.randn(args.batch, 3, args.img, args.img, device=device)
+  views = 2 if args.peer.startswith("sjmae:") else 1
+  images = [torch.randn(args.batch, 3, args.img, args.img, device=device) for _ in range(views)]
 
   def train_step():
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-      loss = forward(images)
+      loss = forward(*images)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -67,7 +67,10 @@ def model_config(name: str, img: int, patch: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       variant=variant, embed_dim=dim, depth=depth, num_heads=heads, img_size=img, patch_size=patch,
       in_chans=3, mlp_ratio=4.0, drop_path_rate=0.0, layer_scale_init=0.0, attention_impl="",
-      remat=False, remat_policy=""))
+      remat=False, remat_policy="",
+      # Step speed levers (docs/performance.md); these defaults are the plain forms.
+      norm_impl="flax", gelu_impl="flax", gelu_approximate=False, gather_impl="take",
+      cast_params_once=False))
 
 
 def default_model_args(args) -> tuple[int, int, str]:

@@ -49,7 +49,27 @@ def initialize_distributed(dist_config) -> None:
 def build_model(config):
   if config.compute_dtype not in DTYPES:
     raise ValueError(f"config compute_dtype: {config.compute_dtype!r} is not one of {sorted(DTYPES)}")
+  kernel_cast_dtype(config)  # a bad model.cast_params_once fails here, before compiling
   return objectives.build(config, dtype=DTYPES[config.compute_dtype])
+
+
+def kernel_cast_dtype(config):
+  """The dtype that the step casts the matmul kernels to once (model.cast_params_once), or None
+  (each layer casts its kernel where it uses it)."""
+  once = config.model.get("cast_params_once", False)
+  if not isinstance(once, bool):
+    raise ValueError(f"config model.cast_params_once: {once!r} is not True or False")
+  dtype = DTYPES[config.compute_dtype]
+  return dtype if once and dtype != jnp.float32 else None
+
+
+def cast_kernels(params, dtype):
+  """Every floating leaf named 'kernel' (the Dense / Conv weights, which the layers cast to the
+  compute dtype where they use them) in `dtype`; the other leaves as they are."""
+  def cast(path, leaf):
+    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+    return leaf.astype(dtype) if getattr(path[-1], "key", None) == "kernel" and floating else leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def sample_batch(config, batch_size: int = 2) -> dict:
@@ -97,7 +117,8 @@ def make_grad_fn(model):
 
 
 def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
-                    skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None):
+                    skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None,
+                    kernel_dtype=None):
   """Pure update: (state, global batch) -> (new state, scalar metrics).
 
   With grad_accum_steps = n the batch is split into n strided micro-batches (micro-batch i gets
@@ -110,7 +131,9 @@ def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
   counter still advances, the batch is consumed). `poison_step` (a test hook) multiplies the
   images of that step (1-based, as logged) by NaN. With `finish_batch` (data.augment_on_device)
   the step receives pre-batches (uint8 images, crop boxes, random draws) and computes the views
-  itself, on the accelerator.
+  itself, on the accelerator. With `kernel_dtype` (model.cast_params_once, `kernel_cast_dtype`)
+  the matmul kernels are cast to it once per step, before any micro-batch split, instead of at
+  each use; their gradients are cast back to float32 per micro-batch.
   """
   grad_fn = make_grad_fn(model)
 
@@ -122,21 +145,29 @@ def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
       batch = dict(batch, images=batch["images"] * poison)
     rng = jax.random.fold_in(state["rng"], state["step"])
     params = state["params"]
+    compute_params, gradients = params, grad_fn
+    if kernel_dtype is not None:
+      compute_params = cast_kernels(params, kernel_dtype)
+
+      def gradients(*args):
+        out, grads = grad_fn(*args)
+        return out, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     if grad_accum_steps == 1:
-      (loss, (metrics, batch_stats)), grads = grad_fn(params, state["batch_stats"], batch, rng)
+      (loss, (metrics, batch_stats)), grads = gradients(compute_params, state["batch_stats"],
+                                                        batch, rng)
     else:
       micro = microbatches(batch, grad_accum_steps, mesh)
 
       def accumulate(carry, inputs):
         batch_stats, sums = carry
         index, micro_batch = inputs
-        (loss, (metrics, batch_stats)), grads = grad_fn(
-            params, batch_stats, micro_batch, jax.random.fold_in(rng, index))
+        (loss, (metrics, batch_stats)), grads = gradients(
+            compute_params, batch_stats, micro_batch, jax.random.fold_in(rng, index))
         sums = jax.tree.map(jnp.add, sums, (loss, metrics, grads))
         return (batch_stats, sums), None
 
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grad_fn, params, state["batch_stats"], first, rng)
+      shapes = jax.eval_shape(gradients, compute_params, state["batch_stats"], first, rng)
       (loss_s, (metrics_s, _)), grads_s = shapes
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
       (batch_stats, sums), _ = jax.lax.scan(
@@ -466,7 +497,8 @@ def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -
   finish_batch = train_data.finish_batch if train_data.augment_on_device else None
   step_fn = make_train_step(model, tx, schedule, mesh, config.grad_accum_steps,
                             skip_nonfinite=config.nonfinite == "skip",
-                            poison_step=config.debug.poison_step, finish_batch=finish_batch)
+                            poison_step=config.debug.poison_step, finish_batch=finish_batch,
+                            kernel_dtype=kernel_cast_dtype(config))
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))

@@ -8,7 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sjmae_jax.models.vit import Block, sincos_init, token_init, xavier_uniform
+from sjmae_jax.models.vit import (Block, gather_tokens, layer_norm, sincos_init, token_init,
+                                  xavier_uniform)
 
 
 class MAEDecoder(nn.Module):
@@ -28,6 +29,11 @@ class MAEDecoder(nn.Module):
   mask_token_mode: str = "shared"
   dtype: Any = jnp.float32
   attention_impl: Any = None
+  # Fast-path levers, as VisionTransformer's (gather_impl: the unshuffle's gather).
+  norm_impl: str = "flax"
+  gelu_impl: str = "flax"
+  gelu_approximate: bool = False
+  gather_impl: str = "take"
 
   @nn.compact
   def __call__(self, tokens, ids_restore, *, extra=None, train: bool = False,
@@ -52,15 +58,17 @@ class MAEDecoder(nn.Module):
     else:
       raise ValueError(f"config decoder.mask_token_mode: unknown value {self.mask_token_mode!r}")
     patches = jnp.concatenate([x[:, 1:], fill], axis=1)
-    patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
+    patches = gather_tokens(patches, ids_restore, self.gather_impl)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     grid = int(round(self.num_patches ** 0.5))
     pos = self.param("decoder_pos_embed", sincos_init(grid), (1, 1 + self.num_patches, d))
     x = x + pos.astype(x.dtype)
     for i in range(self.depth):
       x = Block(d, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                attention_impl=self.attention_impl, name=f"decoder_blocks_{i}")(x, train=train)
-    hidden = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="decoder_norm")(x)
+                attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                gelu_impl=self.gelu_impl, gelu_approximate=self.gelu_approximate,
+                name=f"decoder_blocks_{i}")(x, train=train)
+    hidden = layer_norm(self.norm_impl, self.dtype, name="decoder_norm")(x)
     pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=xavier_uniform,
                     name="decoder_pred")(hidden[:, 1:])
     return (pred, hidden) if return_hidden else pred

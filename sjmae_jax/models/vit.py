@@ -12,6 +12,7 @@ output index laid out as (3, heads, head_dim).
 `pos_embed` is a parameter initialised to the fixed 2-D sin-cos table; pretraining configs freeze
 it through the optimizer (as MAE does with requires_grad=False), fine-tuning trains it (as timm).
 """
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -80,6 +81,45 @@ def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
   return x.reshape(b, g * p, g * p, channels)
 
 
+GATHER_IMPLS = ("take", "permute")
+
+
+@jax.custom_vjp
+def take_tokens(x, ids):
+  """x (B, L, D), ids (B, K) distinct per row -> x[b, ids[b]] (B, K, D).
+
+  The same values as jnp.take_along_axis, but the gradient is a gather too: each of the L input
+  rows takes the cotangent of the one output row that read it (or zero), through the inverse of
+  `ids`. take_along_axis's gradient is a scatter-add into (B, L, D), which XLA runs on a GPU
+  with atomic adds. Used for MAE's kept tokens (K < L) and the decoder's unshuffle (K = L).
+  """
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
+def _take_tokens_fwd(x, ids):
+  b, length = x.shape[:2]
+  kept = ids.shape[1]
+  # slot[b, l] = k where ids[b, k] = l, else `kept` (a zero row): an int scatter of B x K
+  slot = jnp.full((b, length), kept, jnp.int32).at[jnp.arange(b)[:, None], ids].set(
+      jnp.arange(kept, dtype=jnp.int32)[None])
+  return take_tokens(x, ids), slot
+
+
+def _take_tokens_bwd(slot, cotangent):
+  padded = jnp.concatenate([cotangent, jnp.zeros_like(cotangent[:, :1])], axis=1)
+  return jnp.take_along_axis(padded, slot[..., None], axis=1), None
+
+
+take_tokens.defvjp(_take_tokens_fwd, _take_tokens_bwd)
+
+
+def gather_tokens(x, ids, impl: str = "take"):
+  """x[b, ids[b]] by `impl`: 'take' (jnp.take_along_axis) or 'permute' (`take_tokens`)."""
+  if impl == "permute":
+    return take_tokens(x, ids)
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm's drop_path); uses the 'dropout' rng."""
   rate: float
@@ -101,6 +141,89 @@ class LayerScale(nn.Module):
   def __call__(self, x):
     gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
     return x * gamma.astype(x.dtype)
+
+
+NORM_IMPLS = ("flax", "fused")
+GELU_IMPLS = ("flax", "fused")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_layer_norm(x, scale, bias, epsilon: float, dtype):
+  """LayerNorm over the last axis: statistics in float32, output in `dtype`.
+
+  The forward pass is flax.linen.LayerNorm's, op for op (fast variance E[x^2] - E[x]^2, clipped
+  at 0), so its values are the same. The backward pass is the closed form from the saved input
+  and the per-row mean and 1/std: autodiff of flax's form saves three float32 copies of the
+  activation (x, x - mean, the normalised x), this saves the input in its own dtype.
+  """
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  mean2 = jnp.mean(jax.lax.square(x32), axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.maximum(0.0, mean2 - jax.lax.square(mean)) + epsilon)
+  y = (x32 - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, dy):
+  del epsilon, dtype
+  x, mean, rstd, scale, bias = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  rows = tuple(range(x.ndim - 1))
+  dscale = jnp.sum(dy * xhat, axis=rows).astype(scale.dtype)
+  dbias = jnp.sum(dy, axis=rows).astype(bias.dtype)
+  g = dy * scale.astype(jnp.float32)
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+               - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dscale, dbias
+
+
+fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class FusedLayerNorm(nn.Module):
+  """nn.LayerNorm's parameters (scale, bias) and values, `fused_layer_norm`'s backward pass."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    dtype = jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype
+    return fused_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+
+
+def layer_norm(impl: str, dtype, name: Optional[str] = None):
+  """The blocks' LayerNorm (eps 1e-6): 'flax' (nn.LayerNorm) or 'fused' (FusedLayerNorm)."""
+  if impl == "fused":
+    return FusedLayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fused_gelu(x, approximate: bool = False):
+  """jax.nn.gelu with a backward pass that saves only the input and recomputes the derivative
+  in float32. Autodiff of the exact form saves four arrays of the hidden width (a product, erfc,
+  exp and a copy of the input)."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, approximate):
+  return fused_gelu(x, approximate), x
+
+
+def _gelu_bwd(approximate, x, dy):
+  _, vjp = jax.vjp(lambda v: jax.nn.gelu(v, approximate=approximate), x.astype(jnp.float32))
+  return (vjp(dy.astype(jnp.float32))[0].astype(x.dtype),)
+
+
+fused_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
@@ -154,14 +277,21 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """fc1 - GELU - fc2. GELU is exact (erf) unless gelu_approximate (the tanh form); gelu_impl
+  'fused' gives it `fused_gelu`'s backward pass (same values)."""
   hidden_dim: int
   dtype: Any = jnp.float32
+  gelu_impl: str = "flax"
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    if self.gelu_impl == "fused":
+      x = fused_gelu(x, self.gelu_approximate)
+    else:
+      x = nn.gelu(x, approximate=self.gelu_approximate)
     return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(x)
 
 
@@ -174,12 +304,16 @@ class Block(nn.Module):
   layer_scale_init: Optional[float] = None
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  norm_impl: str = "flax"
+  gelu_impl: str = "flax"
+  gelu_approximate: bool = False
 
   def setup(self):
-    self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.norm1 = layer_norm(self.norm_impl, self.dtype)
     self.attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl)
-    self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
-    self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype)
+    self.norm2 = layer_norm(self.norm_impl, self.dtype)
+    self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, gelu_impl=self.gelu_impl,
+                   gelu_approximate=self.gelu_approximate)
     self.drop = DropPath(self.drop_path)
     if self.layer_scale_init is not None:
       self.ls1 = LayerScale(self.layer_scale_init)
@@ -235,6 +369,13 @@ class VisionTransformer(nn.Module):
   remat_policy: Optional[str] = None
   final_norm: bool = True  # False for global-pool classifiers, whose fc_norm replaces `norm`
   use_mask_token: bool = False  # creates `mask_token` for patch_mask (mask-before-encoder methods)
+  # Fast-path levers (docs/performance.md); the defaults are the plain Flax/JAX forms.
+  norm_impl: str = "flax"       # 'fused': LayerNorm with a closed-form backward (FusedLayerNorm)
+  gelu_impl: str = "flax"       # 'fused': GELU whose backward saves only its input
+  gelu_approximate: bool = False  # the tanh GELU (a different function; exact is the default)
+  # 'permute': with keep_ids, embed only the kept patches and select with `take_tokens` (gathers
+  # both ways) instead of embedding all L patches and take_along_axis (a scatter-add backward).
+  gather_impl: str = "take"
 
   @property
   def grid_size(self) -> int:
@@ -246,7 +387,7 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     p, c, d = self.patch_size, self.in_chans, self.embed_dim
-    self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype)
+    self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype, gather_impl=self.gather_impl)
     self.cls_token = self.param("cls_token", token_init, (1, 1, d))
     self.pos_embed = self.param("pos_embed", sincos_init(self.grid_size), (1, 1 + self.num_patches, d))
     if self.remat:
@@ -256,10 +397,12 @@ class VisionTransformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     self.blocks = [
         block_cls(d, self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init,
-                  dtype=self.dtype, attention_impl=self.attention_impl, name=f"blocks_{i}")
+                  dtype=self.dtype, attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                  gelu_impl=self.gelu_impl, gelu_approximate=self.gelu_approximate,
+                  name=f"blocks_{i}")
         for i in range(self.depth)]
     if self.final_norm:
-      self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+      self.norm = layer_norm(self.norm_impl, self.dtype)
     if self.use_mask_token:
       self.mask_token = self.param("mask_token", token_init, (1, 1, d))
 
@@ -276,17 +419,25 @@ class VisionTransformer(nn.Module):
                train: bool = False):
     if images.shape[1] != self.img_size or images.shape[2] != self.img_size:
       raise ValueError(f"image size {images.shape[1:3]} does not match model img_size {self.img_size}")
-    x = self.embed_patches(images, patch_mask)
-    pos = self.pos_embed.astype(x.dtype)
+    kept_only = keep_ids is not None and patch_mask is None and self.gather_impl == "permute"
+    if kept_only:  # the kept patches' pixels and position rows are selected before embedding
+      x = self.patch_embed(images, keep_ids=keep_ids)
+      pos = self.pos_embed.astype(x.dtype)
+      b, d = x.shape[0], self.embed_dim
+      pos_patches = take_tokens(jnp.broadcast_to(pos[:, 1:], (b, self.num_patches, d)), keep_ids)
+    else:
+      x = self.embed_patches(images, patch_mask)
+      pos = self.pos_embed.astype(x.dtype)
+      pos_patches = pos[:, 1:]
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
     if not isinstance(use_pos_embed, bool):  # per-sample switch (B,): batches SJ-MAE's two passes
       on = jnp.asarray(use_pos_embed, x.dtype)[:, None, None]
-      x = x + on * pos[:, 1:]
+      x = x + on * pos_patches
       cls = cls + on * pos[:, :1]
     elif use_pos_embed:
-      x = x + pos[:, 1:]
+      x = x + pos_patches
       cls = cls + pos[:, :1]
-    if keep_ids is not None:
+    if keep_ids is not None and not kept_only:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     x = jnp.concatenate([cls, x], axis=1)
     for block in self.blocks:
@@ -308,18 +459,31 @@ def remat_policy(name: Optional[str]):
 
 
 class PatchEmbed(nn.Module):
+  """Patch projection (a p x p stride-p conv). With keep_ids (B, K) only those patches are
+  projected: their pixels are gathered (`take_tokens`) and multiplied by the conv kernel viewed
+  as a (p*p*C, D) matrix, as patchify orders a patch's pixels (p, q, c) like the kernel's HWI."""
   patch_size: int
   embed_dim: int
   in_chans: int = 3
   dtype: Any = jnp.float32
+  gather_impl: str = "take"
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, keep_ids=None):
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                kernel_init=patch_kernel_init,
-                bias_init=torch_default_bias_init(p * p * self.in_chans), name="proj")(images)
-    return x.reshape(x.shape[0], -1, self.embed_dim)
+    conv = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                   kernel_init=patch_kernel_init,
+                   bias_init=torch_default_bias_init(p * p * self.in_chans), name="proj")
+    if keep_ids is None:
+      x = conv(images)
+      return x.reshape(x.shape[0], -1, self.embed_dim)
+    if self.is_initializing():  # creates proj/{kernel,bias} exactly as the conv path does
+      conv(images[:1, :p, :p])
+    params = conv.variables["params"]
+    pixels = take_tokens(patchify(images, p), keep_ids)
+    kernel = params["kernel"].reshape(-1, self.embed_dim)
+    x = jnp.dot(pixels.astype(self.dtype), kernel.astype(self.dtype))
+    return x + params["bias"].astype(self.dtype)
 
 
 def vit_kwargs(model_config) -> dict:
@@ -348,6 +512,7 @@ def vit_kwargs(model_config) -> dict:
     raise ValueError(f"config model.attention_impl: unknown value {attention_impl!r}; choose one "
                      f"of '' (XLA), 'xla', 'cudnn', 'auto'")
   remat_policy(model_config.get("remat_policy", "") or None)  # an unknown name fails here
+  levers = fast_path_levers(model_config)
   return dict(img_size=img, patch_size=patch, in_chans=model_config.get("in_chans", 3),
               embed_dim=dim, depth=depth, num_heads=heads,
               mlp_ratio=model_config.get("mlp_ratio", 4.0),
@@ -355,4 +520,26 @@ def vit_kwargs(model_config) -> dict:
               layer_scale_init=model_config.get("layer_scale_init", 0.0) or None,
               attention_impl=attention_impl,
               remat=model_config.get("remat", False),
-              remat_policy=model_config.get("remat_policy", "") or None)
+              remat_policy=model_config.get("remat_policy", "") or None,
+              **levers)
+
+
+# model.<key>: (allowed values, default). Defaults are today's plain forms; docs/performance.md.
+LEVER_KEYS = {
+    "norm_impl": (NORM_IMPLS, "flax"),
+    "gelu_impl": (GELU_IMPLS, "flax"),
+    "gelu_approximate": ((False, True), False),
+    "gather_impl": (GATHER_IMPLS, "take"),
+}
+
+
+def fast_path_levers(model_config) -> dict:
+  """The fast-path lever keys of a config's `model` block, checked: {key: value}."""
+  levers = {}
+  for key, (allowed, default) in LEVER_KEYS.items():
+    value = model_config.get(key, default)
+    if value not in allowed or type(value) is not type(default):
+      raise ValueError(f"config model.{key}: unknown value {value!r}; choose one of "
+                       f"{list(allowed)}")
+    levers[key] = value
+  return levers

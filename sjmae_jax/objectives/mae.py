@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from sjmae_jax import objectives
 from sjmae_jax.models.decoder import MAEDecoder
-from sjmae_jax.models.vit import VisionTransformer, patchify, unpatchify, vit_kwargs
+from sjmae_jax.models.vit import (LEVER_KEYS, VisionTransformer, patchify, unpatchify,
+                                  vit_kwargs)
 from sjmae_jax.objectives.masking import Masking, random_masking
 
 
@@ -73,7 +74,9 @@ def build_decoder(config, encoder_kwargs: dict, dtype) -> MAEDecoder:
   return MAEDecoder(num_patches=(encoder_kwargs["img_size"] // p) ** 2, out_dim=p * p * c,
                     embed_dim=dec.embed_dim, depth=dec.depth, num_heads=dec.num_heads,
                     mask_token_mode=dec.get("mask_token_mode", "shared"), dtype=dtype,
-                    attention_impl=encoder_kwargs["attention_impl"], name="decoder")
+                    attention_impl=encoder_kwargs["attention_impl"],
+                    **{key: encoder_kwargs.get(key, default)
+                       for key, (_, default) in LEVER_KEYS.items()}, name="decoder")
 
 
 class MAE(nn.Module):

@@ -1,0 +1,219 @@
+"""The step speed levers (docs/performance.md, model.norm_impl / gelu_impl / gelu_approximate /
+gather_impl / cast_params_once): with all of them off the step is today's, bit for bit; each one
+on gives the float32 step's loss and gradients within bfloat16's error; the custom backward
+passes equal autodiff's; parameter trees do not change."""
+import functools
+import hashlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from helpers import tiny_config
+from sjmae_jax import sharding, trainer
+from sjmae_jax.models import vit
+
+LEVERS = {"norm_impl": "fused", "gelu_impl": "fused", "gather_impl": "permute",
+          "cast_params_once": True, "gelu_approximate": True}
+EXACT_LEVERS = {k: v for k, v in LEVERS.items() if k != "gelu_approximate"}  # same function
+
+# One step of the code at tag session13-base (before the levers), recorded on the 2-core CPU dev
+# box with jax/jaxlib 0.10.2: `_one_step` below, tiny configs, PRNGKey(0), batch 4.
+SESSION13 = {
+    ("mae", "float32"): ("0x1.cb10a00000000p+0", "0x1.3d155c0000000p+1", "dd768ef3cd71d99a"),
+    ("mae", "bfloat16"): ("0x1.cb395e0000000p+0", "0x1.3d43640000000p+1", "ace017cacfb77a73"),
+    ("sjmae", "float32"): ("0x1.c398640000000p+2", "0x1.173f6a0000000p+7", "45d2e79d868eeef5"),
+    ("sjmae", "bfloat16"): ("0x1.c21efc0000000p+2", "0x1.11cc1e0000000p+7", "71e183f28e8806a5"),
+}
+SESSION13_JAX = "0.10.2"
+
+
+def _recording_tx():
+  """An 'optimizer' that keeps the step's gradients, exactly, as its state."""
+  return optax.GradientTransformation(
+      lambda params: jax.tree.map(jnp.zeros_like, params),
+      lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+@functools.lru_cache(maxsize=None)
+def _one_step(method: str, dtype: str, levers=()):
+  """(loss, grad_norm, gradients, params) of one train step, as trainer.make_train_step runs it."""
+  overrides = {f"model.{key}": value for key, value in levers}
+  config = tiny_config(method, compute_dtype=dtype, batch_size=4, **overrides)
+  model = trainer.build_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  tx = _recording_tx()
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+  img = config.model.img_size
+  images = np.random.default_rng(0).standard_normal(
+      (4, len(config.data.views), img, img, 3)).astype(np.float32)
+  batch = {"images": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
+  step = jax.jit(trainer.make_train_step(model, tx, lambda step: 0.0, mesh,
+                                         kernel_dtype=trainer.kernel_cast_dtype(config)))
+  new_state, metrics = step(state, batch)
+  return (float(metrics["loss"]), float(metrics["grad_norm"]), new_state["opt_state"],
+          state["params"])
+
+
+def _relative_error(grads, reference) -> float:
+  """||g - g_ref|| / ||g_ref|| over the whole gradient tree."""
+  pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(reference)))
+  error = sum(float(jnp.sum((g.astype(jnp.float32) - r) ** 2)) for g, r in pairs)
+  return (error / sum(float(jnp.sum(r ** 2)) for _, r in pairs)) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["mae", "sjmae"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_levers_off_is_the_session13_step(method, dtype):
+  loss, grad_norm, grads, _ = _one_step(method, dtype)
+  recorded_loss, recorded_norm, recorded_hash = SESSION13[(method, dtype)]
+  np.testing.assert_allclose(loss, float.fromhex(recorded_loss), rtol=1e-5)
+  np.testing.assert_allclose(grad_norm, float.fromhex(recorded_norm), rtol=1e-4)
+  if jax.__version__ != SESSION13_JAX or jax.default_backend() != "cpu":
+    pytest.skip(f"bit-identity recorded with jax {SESSION13_JAX} on CPU (values match above)")
+  digest = hashlib.sha256(b"".join(np.asarray(g).tobytes() for g in jax.tree.leaves(grads)))
+  assert (loss.hex(), grad_norm.hex(), digest.hexdigest()[:16]) == SESSION13[(method, dtype)]
+
+
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_each_lever_in_bfloat16_matches_the_float32_step(lever):
+  ref_loss, _, ref_grads, ref_params = _one_step("mae", "float32")
+  plain_loss, _, plain_grads, _ = _one_step("mae", "bfloat16")
+  loss, _, grads, params = _one_step("mae", "bfloat16", ((lever, LEVERS[lever]),))
+  # Today's bfloat16 step is ~0.6 % off float32 here; a lever may not make that notably worse.
+  plain_error = _relative_error(plain_grads, ref_grads)
+  assert 0 < plain_error < 0.02
+  assert _relative_error(grads, ref_grads) < 1.25 * plain_error + 1e-3
+  assert abs(loss - ref_loss) < 2 * abs(plain_loss - ref_loss) + 2e-3
+  # The same parameter tree and initial values: checkpoints move between the settings.
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, ref_params))
+
+
+@pytest.mark.parametrize("method", ["mae", "sjmae"])
+def test_exact_levers_together_compute_the_same_step(method):
+  """In float32 the exact levers change only the order of roundings: the loss and gradients of
+  all of them on equal the plain step's to float32 precision (a wrong custom backward pass would
+  be off by far more); in bfloat16 they stay within bfloat16's error of float32."""
+  ref_loss, _, ref_grads, _ = _one_step(method, "float32")
+  loss, _, grads, _ = _one_step(method, "float32", tuple(sorted(EXACT_LEVERS.items())))
+  assert loss == pytest.approx(ref_loss, rel=1e-6)
+  assert _relative_error(grads, ref_grads) < 2e-5
+  if method == "sjmae":  # (MAE's levers are checked in bfloat16 one at a time above)
+    _, _, plain_bf16, _ = _one_step(method, "bfloat16")
+    _, _, fast_bf16, _ = _one_step(method, "bfloat16", tuple(sorted(EXACT_LEVERS.items())))
+    assert _relative_error(fast_bf16, ref_grads) < 1.25 * _relative_error(plain_bf16, ref_grads)
+
+
+def test_kernels_cast_once_before_gradient_accumulation():
+  """With micro-batches the kernels are cast once, outside the scan, and each micro-batch's
+  gradients come back in float32 before they are summed: for MAE, whose kernels are each used
+  once, exactly the gradients of the per-use casts."""
+  config = tiny_config("mae", compute_dtype="bfloat16", batch_size=4)
+  model = trainer.build_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  tx = _recording_tx()
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
+  images = np.random.default_rng(0).standard_normal((4, 1, 16, 16, 3)).astype(np.float32)
+  batch = {"images": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
+  grads = {}
+  for kernel_dtype in (None, jnp.bfloat16):
+    step = jax.jit(trainer.make_train_step(model, tx, lambda step: 0.0, mesh, 2,
+                                           kernel_dtype=kernel_dtype))
+    grads[kernel_dtype] = step(state, batch)[0]["opt_state"]
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads[jnp.bfloat16]))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), grads[None],
+                                   grads[jnp.bfloat16]))
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_layer_norm_is_flax_layer_norm_with_a_closed_form_backward(dtype):
+  x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 64))).astype(dtype)
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 64))
+  flax_norm = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+  fused = vit.FusedLayerNorm(epsilon=1e-6, dtype=dtype)
+  params = flax_norm.init(jax.random.PRNGKey(2), x)
+  assert jax.tree.structure(fused.init(jax.random.PRNGKey(2), x)) == jax.tree.structure(params)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape),
+                        params)
+
+  def vjp(module):
+    out, pullback = jax.vjp(lambda p, v: module.apply(p, v), params, x)
+    return out, pullback(cotangent.astype(out.dtype))
+
+  (flax_out, (flax_dp, flax_dx)), (out, (dp, dx)) = vjp(flax_norm), vjp(fused)
+  assert out.dtype == dtype
+  np.testing.assert_array_equal(out, flax_out)  # the same forward ops
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(dx.astype(jnp.float32), flax_dx.astype(jnp.float32),
+                             rtol=tolerance, atol=tolerance)
+  for key in ("scale", "bias"):
+    np.testing.assert_allclose(dp["params"][key], flax_dp["params"][key], rtol=tolerance,
+                               atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_fused_gelu_saves_only_its_input(approximate):
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 256))
+  gelu = lambda v: jax.nn.gelu(v, approximate=approximate)
+  fused = lambda v: vit.fused_gelu(v, approximate)
+  np.testing.assert_array_equal(fused(x), gelu(x))
+  np.testing.assert_allclose(jax.grad(lambda v: fused(v).sum())(x),
+                             jax.grad(lambda v: gelu(v).sum())(x), rtol=1e-6, atol=1e-6)
+  from jax._src.ad_checkpoint import saved_residuals
+  bf16 = x.astype(jnp.bfloat16)
+  saved = [aval for aval, _ in saved_residuals(lambda v: fused(v).sum(), bf16) if aval.shape]
+  plain = [aval for aval, _ in saved_residuals(lambda v: gelu(v).sum(), bf16) if aval.shape]
+  assert [a.shape for a in saved] == [(4, 256)] and len(plain) > len(saved)
+
+
+@pytest.mark.parametrize("kept", [5, 16])  # MAE's kept tokens (K < L); an unshuffle (K = L)
+def test_take_tokens_gradient_is_a_gather_equal_to_the_scatter(kept):
+  batch, length, dim = 3, 16, 8
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, dim))
+  ids = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(1), (batch, length)), axis=1)[:, :kept]
+  cotangent = jax.random.normal(jax.random.PRNGKey(2), (batch, kept, dim))
+  take = lambda v: jnp.take_along_axis(v, ids[..., None], axis=1)
+  out, pullback = jax.vjp(lambda v: vit.take_tokens(v, ids), x)
+  expected, expected_pullback = jax.vjp(take, x)
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(pullback(cotangent)[0], expected_pullback(cotangent)[0])
+  # the backward pass gathers: no scatter of the activation-sized cotangent
+  jaxpr = str(jax.make_jaxpr(pullback)(cotangent))
+  assert "scatter-add" not in jaxpr and "gather" in jaxpr
+  assert "scatter-add" in str(jax.make_jaxpr(expected_pullback)(cotangent))
+
+
+def test_patch_embedding_of_the_kept_patches_only():
+  embed = vit.PatchEmbed(4, 32, 3)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  keep = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), axis=1)[:, :4]
+  params = embed.init(jax.random.PRNGKey(2), images)
+  np.testing.assert_array_equal(  # the same parameters from the same rng, either way
+      embed.init(jax.random.PRNGKey(2), images, keep_ids=keep)["params"]["proj"]["kernel"],
+      params["params"]["proj"]["kernel"])
+  full = jnp.take_along_axis(embed.apply(params, images), keep[..., None], axis=1)
+  np.testing.assert_allclose(embed.apply(params, images, keep_ids=keep), full, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_lever_values_are_checked():
+  config = tiny_config("mae")
+  assert {k: v for k, v in vit.vit_kwargs(config.model).items() if k in vit.LEVER_KEYS} == {
+      "norm_impl": "flax", "gelu_impl": "flax", "gelu_approximate": False,
+      "gather_impl": "take"}
+  for key, bad in (("norm_impl", "apex"), ("gelu_impl", "tanh"), ("gather_impl", "sorted"),
+                   ("gelu_approximate", 1)):
+    model = ml_collections.ConfigDict(config.model.to_dict(), type_safe=False)
+    model[key] = bad
+    with pytest.raises(ValueError, match=f"config model.{key}: unknown value {bad!r}"):
+      vit.vit_kwargs(model)
+  config.model = ml_collections.ConfigDict(config.model.to_dict(), type_safe=False)
+  config.model.cast_params_once = "yes"
+  with pytest.raises(ValueError, match="config model.cast_params_once: 'yes'"):
+    trainer.build_model(config)
