@@ -63,9 +63,9 @@ pretrain_args=(--config.batch_size="${PRETRAIN_BATCH:-4096}" --config.compute_dt
   --config.decoder.embed_dim=256 --config.decoder.depth=4 --config.decoder.num_heads=8
   --config.data.augment_on_device=True --config.log_every_steps=100
   --config.picture_every_steps=0 --config.checkpoint.every_steps=1000000
-  --config.knn.every_epochs=1000000 --config.knn.num_train=0 --config.knn.num_eval=0)
+  --config.monitors.knn.every_epochs=1000000 --config.monitors.knn.num_train=0 --config.monitors.knn.num_eval=0)
 probe_args=(--config.compute_dtype="$dtype" --config.data.augment_on_device=True
-  --config.mode=both --config.eval_every_epochs=1000)
+  --config.mode=both --config.monitors.eval.every_epochs=1000)
 finetune_args=(--config.compute_dtype="$dtype" --config.data.augment_on_device=True)
 if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: a 1-block, 32-wide encoder, batch 16
   pretrain_minutes=${PRETRAIN_MINUTES:-0.000001}  # stops at step 2: the time budget works
@@ -78,8 +78,8 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: a 1-block, 32-wide encoder, b
   pretrain_args=("${tiny_model[@]}" --config.batch_size=16 --config.compute_dtype=float32
     --config.decoder.embed_dim=32 --config.decoder.depth=1 --config.decoder.num_heads=2
     --config.log_every_steps=1 --config.picture_every_steps=0
-    --config.checkpoint.every_steps=1000000 --config.knn.every_epochs=1000000
-    --config.knn.num_train=0 --config.knn.num_eval=0)
+    --config.checkpoint.every_steps=1000000 --config.monitors.knn.every_epochs=1000000
+    --config.monitors.knn.num_train=0 --config.monitors.knn.num_eval=0)
   probe_args=(--config.batch_size=8 --config.mode=both)
   finetune_args=(--config.batch_size=8 --config.data.recipes.finetune.randaugment=)
   [ "$method" = scratch ] && finetune_args+=("${tiny_model[@]}")
@@ -116,9 +116,9 @@ if [ "$method" = scratch ]; then
   total=$("$python" -c "print($pretrain_minutes + $finetune_minutes)")
   epochs=$(( finetune_epochs * 3 ))
   stage finetune "$python" eval_finetune.py --config "configs/finetune.py:$model_arg" \
-    --workdir "$work/finetune" --config.from_scratch=True --config.layer_decay=1.0 \
+    --workdir "$work/finetune" --config.from_scratch=True --config.optim.layer_decay=1.0 \
     --config.epochs="$epochs" --config.warmup_epochs="$(fraction "$epochs" 0.1)" \
-    --config.eval_every_epochs="$(( epochs / 4 > 0 ? epochs / 4 : 1 ))" \
+    --config.monitors.eval.every_epochs="$(( epochs / 4 > 0 ? epochs / 4 : 1 ))" \
     --config.stop_after_minutes="$total" "${finetune_args[@]}" ${EXTRA_FINETUNE:-}
 else
   stage pretrain "$python" train.py --config "configs/$method.py:$model_arg" \
@@ -132,7 +132,7 @@ else
   stage finetune "$python" eval_finetune.py --config "configs/finetune.py:$model_arg" \
     --workdir "$work/finetune" --config.init_from="$work/pretrain" \
     --config.epochs="$finetune_epochs" --config.warmup_epochs="$(fraction "$finetune_epochs" 0.1)" \
-    --config.eval_every_epochs="$(( finetune_epochs / 4 > 0 ? finetune_epochs / 4 : 1 ))" \
+    --config.monitors.eval.every_epochs="$(( finetune_epochs / 4 > 0 ? finetune_epochs / 4 : 1 ))" \
     --config.stop_after_minutes="$finetune_minutes" "${finetune_args[@]}" ${EXTRA_FINETUNE:-}
 fi
 

@@ -80,8 +80,8 @@ def results_row(method: str, work: str, command: str, pretrain_minutes: float,
         finetune_minutes=minutes, finetune_from=finetune.get("init_from"),
         finetune_top1=finetune.get("top1"), finetune_best_top1=finetune.get("best_top1"),
         finetune_top5=finetune.get("top5"), finetune_epochs=finetune.get("epochs"),
-        finetune_steps=finetune.get("steps"), finetune_total_steps=finetune.get("total_steps"),
-        finetune_schedule_completed=finetune.get("steps") == finetune.get("total_steps"),
+        finetune_steps=finetune.get("step"), finetune_total_steps=finetune.get("total_steps"),
+        finetune_schedule_completed=finetune.get("step") == finetune.get("total_steps"),
         finetune_img_per_s=img_per_s, finetune_epochs_fitting=fitting)
   row.update(stage_seconds=stage_seconds, total_seconds=sum(stage_seconds.values()))
   return row

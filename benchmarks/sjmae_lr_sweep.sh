@@ -26,7 +26,7 @@ for lr in "${lrs[@]}"; do
       --config.batch_size=256 --config.epochs="$epochs" --config.warmup_epochs="$(
         "$python" -c "print($epochs / 10)")" --config.lr="$lr" --config.nonfinite=skip \
       --config.decoder.embed_dim=128 --config.decoder.depth=2 --config.decoder.num_heads=4 \
-      --config.knn.num_train=10000 --config.knn.num_eval=10000 --config.picture_every_steps=0 \
+      --config.monitors.knn.num_train=10000 --config.monitors.knn.num_eval=10000 --config.picture_every_steps=0 \
       --config.checkpoint.every_steps=100000 --config.log_every_steps=50 \
       > "$workdir.log" 2>&1
 done

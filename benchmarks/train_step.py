@@ -33,7 +33,7 @@ the approximate GELU, which change what is computed or how much).
 --inventory prints, per measurement, the compiled step's HLO inventory (kernels, converts,
 cast-only kernels, temporaries, autodiff's saved residuals); --compile-only skips the timing.
 --e2e cifar10 adds end-to-end rows: the CIFAR-10 ImageFolder through the input pipeline,
-trainer.device_prefetch and the step, with the views computed on the host (train.py's default)
+engine.device_prefetch and the step, with the views computed on the host (train.py's default)
 and in the step on the device (data.augment_on_device=True, as train.py does with it).
 Printed: one detail line per measurement, then a markdown table in BENCHMARKS.md's column order.
 """
@@ -65,7 +65,7 @@ import jax
 import numpy as np
 
 from benchmarks import flops, profile_ops, step_hlo
-from sjmae_jax import config_lib, data, optim, sharding, trainer
+from sjmae_jax import config_lib, data, engine, optim, sharding, trainer
 from sjmae_jax.models.vit import VARIANTS, vit_kwargs
 # pylint: enable=wrong-import-position
 
@@ -409,7 +409,7 @@ class StepBench:
     """Bytes that autodiff saves for the backward pass of the step's loss (step_hlo)."""
     def loss(params):
       if self.kernel_dtype is not None:
-        params = trainer.cast_kernels(params, self.kernel_dtype)
+        params = engine.cast_kernels(params, self.kernel_dtype)
       rngs = {"masking": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
       (value, _), _ = self.model.apply(
           {"params": params, "batch_stats": self.state["batch_stats"]}, batch, train=True,
@@ -611,7 +611,7 @@ def measure_e2e(bench, config, method, model, setup, args, views_on_device: bool
   compile_seconds, attention, xla = 0.0, "", None
   if views_on_device:
     bench = StepBench(config, setup, finish_batch=pipeline.finish_batch)
-  batches = trainer.device_prefetch(iter(pipeline), bench.mesh)
+  batches = engine.device_prefetch(iter(pipeline), bench.mesh)
   if views_on_device:
     first = next(batches)
     compiled, compile_seconds = bench.compile(bench.lower(first))

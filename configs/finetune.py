@@ -5,7 +5,7 @@
       --config.init_from=runs/mae_c10
   python eval_finetune.py --config configs/finetune.py:data=imagenet2012,model=vit_base \
       --workdir runs/ft_b --config.init_from=mae_pretrain_vit_base.pth --config.blr=5e-4 \
-      --config.layer_decay=0.65 --config.epochs=100
+      --config.optim.layer_decay=0.65 --config.epochs=100
 Arg keys: data, img, patch, model (only for a weights file; a pretraining workdir's config.json
 gives the architecture). Defaults are main_finetune.py's (blr 1e-3, layer decay 0.75, 50 epochs);
 the MAE README's ViT-B recipe is in the last example.
@@ -23,11 +23,13 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
   # True: train config.model from a random init instead (the supervised-from-scratch baseline;
-  # init_from stays empty). Layer-wise lr decay is then usually switched off (layer_decay=1).
+  # init_from stays empty). Layer-wise lr decay is then usually switched off (optim.layer_decay=1).
   config.from_scratch = False
   config.global_pool = "avg"  # 'avg': mean patch token -> fc_norm (MAE default); 'token': CLS
-  config.seed = 0
-  config.model = config_lib.model_config(model, img, patch)  # only used for weights files
+  # The architecture of a weights file or of from_scratch (a pretraining workdir brings its own);
+  # model.drop_path_rate applies either way.
+  config.model = config_lib.model_config(model, img, patch)
+  config.model.drop_path_rate = 0.1
   # Train views: RRC(0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 + random erasing
   # 0.25 ('pixel'); change them with --config.data.recipes.finetune.randaugment / ...erase_prob.
   config.data = config_lib.data_config(args.data, img, views=("finetune",))
@@ -38,22 +40,25 @@ def get_config(arg=None):
   config.blr = 1e-3
   config.lr = 0.0  # absolute peak lr; 0 = blr * batch_size / 256
   config.min_lr = 1e-6
-  config.weight_decay = 0.05
-  config.layer_decay = 0.75
-  config.drop_path = 0.1
-  config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=0.0))
+  # AdamW (0.9, 0.999), weight decay 0.05 except 1-D params and pos_embed / cls_token (MAE's
+  # no_weight_decay list), layer-wise lr decay 0.75; pos_embed is trained here.
+  config.optim = config_lib.optim_config(
+      b2=0.999, layer_decay=0.75, lr_mults=(),
+      wd_mults=((r"(.*/)?(pos_embed|cls_token|dist_token)", 0.0),))
   config.label_smoothing = 0.1
   config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
                                                 switch_prob=0.5))
-  config.ema_decay = 0.0  # e.g. 0.9999: also evaluate an EMA of the weights (ema_top1)
+  config.ema_decay = 0.0  # e.g. 0.9999: also evaluate an EMA of the weights (monitor eval_ema)
   config.head_init_std = 2e-5
-  config.eval_every_epochs = 1
-  # Stop after this many minutes of training (from the end of the first, compiling step), then
-  # evaluate; 0 = off. The schedule is unchanged: set epochs to what fits.
-  config.stop_after_minutes = 0.0
-  config.compute_dtype = "float32"
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  config_lib.add_run_keys(config, checkpoint_every=dict(every_epochs=1),
+                          log_every_steps=10 if on_digits else 100)
+  config.checkpoint.keep = 1
+  # Top-1 / top-5 on data.eval_split every epoch and at the end; the best params by eval/top1 are
+  # kept in WORKDIR/best. eval_ema scores the EMA weights (when ema_decay > 0).
+  config.monitors = ml_collections.ConfigDict(dict(
+      eval=dict(type="classification", every_epochs=1),
+      eval_ema=dict(type="classification", every_epochs=1, params="ema_params",
+                    prefix="eval/ema_")))
   if on_digits:
     # The demo data are 8x8 digits: flips, RandAugment, erasing and mixup change or erase the
     # class (6/9, 2/5), and the 4-block encoder tolerates less decay. Measured on the README's SJ-MAE
@@ -61,6 +66,6 @@ def get_config(arg=None):
     config.data.recipes.finetune.update(randaugment="", random_erase_prob=0.0, flip_prob=0.0,
                                         rrc_scale=(0.35, 1.0))
     config.mixup.prob = 0.0
-    config.layer_decay, config.blr = 0.9, 2e-3
+    config.optim.layer_decay, config.blr = 0.9, 2e-3
   config.arg = args
   return config.lock()

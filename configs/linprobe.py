@@ -23,7 +23,6 @@ def get_config(arg=None):
   config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
   config.mode = "both"
   config.global_pool = "token"  # 'token': CLS after the final norm (MAE default); 'avg'
-  config.seed = 0
   config.model = config_lib.model_config(model, img, patch)  # only used for weights files
   config.data = config_lib.data_config(args.data, img, views=("linprobe",))
   # MAE main_linprobe: RandomResizedCrop(scale 0.08-1, bicubic) + flip; eval resize + center crop.
@@ -35,16 +34,19 @@ def get_config(arg=None):
   # MAE: blr 0.1 (lr 6.4 at batch 16384, ~7000 steps on ImageNet). LARS moves a weight matrix by
   # about lr x 0.001 of its norm per step, so with few steps (small data sets) blr 0.1 leaves the
   # head near its init: digits (5 steps / epoch) and CIFAR (48) use a larger blr.
-  config.blr = {"digits": 25.6, "cifar10": 1.6}.get(args.data, 0.1)
+  config.blr = config_lib.probe_blr(args.data)
   config.lr = 0.0  # absolute peak lr; 0 = blr * batch_size / 256
   config.min_lr = 0.0
-  config.weight_decay = 0.0
-  config.lars = ml_collections.ConfigDict(dict(momentum=0.9, trust_coefficient=0.001))
+  # LARS (momentum 0.9, trust 0.001, no weight decay); the encoder (and the untrained fc_norm of
+  # global_pool='avg') is frozen: lr multiplier 0.
+  config.optim = config_lib.optim_config(name="lars", weight_decay=0.0,
+                                         lr_mults=((r"(encoder|fc_norm)/.*", 0.0),))
   config.head_init_std = 0.01
-  config.eval_every_epochs = 10
-  config.compute_dtype = "float32"
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  config_lib.add_run_keys(config, checkpoint_every=dict(every_epochs=10),
+                          log_every_steps=10 if on_digits else 100)
+  config.checkpoint.keep = 1
+  config.monitors = ml_collections.ConfigDict(dict(
+      eval=dict(type="classification", every_epochs=10)))  # top-1 / top-5 on data.eval_split
   if on_digits:  # 8x8 digits: a flip or an 8% crop changes or erases the class
     config.data.recipes.linprobe.update(flip_prob=0.0, rrc_scale=(0.35, 1.0))
   config.arg = args

@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.optim.weight_decay = 0.05
   # pos_embed stays the frozen sin-cos table (as every config here); the teacher of token targets
   # is never trained.
-  config.optim.frozen_params = (".*pos_embed", "teacher/.*")
+  config.optim.lr_mults = ((".*pos_embed", 0.0), ("teacher/.*", 0.0))
   del config.decoder  # no decoder: the query stream predicts
   if not on_digits:  # the paper's ImageNet recipe
     config.batch_size = 2048

@@ -40,4 +40,6 @@ def get_config(arg=None):
       offdiag_target=-1.0,     # the original's (c_ij + 1)^2; 0.0 = Barlow Twins' c_ij^2
       **VARIANTS[config.arg.variant],
   )
+  # The head's top-1 / top-5 on data.eval_split, every epoch and at the end (eval/top1).
+  config.monitors.eval = dict(type="classification", every_epochs=1)
   return config.lock()

@@ -101,6 +101,14 @@ class Checkpointer:
       return None
     return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
+  def abstract_state(self, step: int, sharding=None):
+    """The stored train state's shapes and dtypes (ShapeDtypeStructs on `sharding`, default one
+    local device), read from the checkpoint's metadata."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
+                                                          sharding=sharding),
+                        self.manager.item_metadata(step)["state"])
+
   def array_metadata(self, step: int) -> dict:
     """{'params/encoder/...': (shape, dtype name)} of the arrays stored at `step`."""
     return shapes_by_path(self.manager.item_metadata(step)["state"])
@@ -258,20 +266,17 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def load_params(workdir, step=None):
-  """(params, config) of the latest (or given) checkpoint of a pretraining workdir, on host.
+  """(params, config) of the latest (or given) checkpoint of a workdir, on host.
 
-  Works whatever mesh or number of hosts wrote the checkpoint: arrays are restored onto one device.
+  The arrays' shapes come from the checkpoint itself, so this needs nothing of the program that
+  wrote it; whatever mesh or number of hosts wrote it, arrays are restored onto one device.
   Reads only: the workdir is not modified.
   """
-  from sjmae_jax import trainer  # late import: trainer imports this module
   config = read_config(workdir)
   checkpointer = Checkpointer(workdir, read_only=True)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{epath.Path(workdir) / 'checkpoints'}: no checkpoint to load")
-  on_one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_one_device),
-                          trainer.abstract_train_state(config))
-  state = checkpointer.restore(step, abstract)
+  state = checkpointer.restore(step, checkpointer.abstract_state(step))
   checkpointer.close()
   return jax.device_get(state["params"]), config

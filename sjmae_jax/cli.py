@@ -39,7 +39,8 @@ LINPROBE_DOC = """Linear-probe a pretrained encoder with the MAE protocol (+ a f
   python eval_linprobe.py --config configs/linprobe.py[:arg] --workdir DIR --config.init_from=PATH
 
 PATH: a pretraining workdir (its latest checkpoint) or a weights file (timm / MAE). Writes
-DIR/results.json and TensorBoard logs in DIR/tensorboard.
+DIR/results.json, TensorBoard logs in DIR/tensorboard and the last state in DIR/checkpoints
+(rerunning resumes; Ctrl-C / SIGTERM stop with a checkpoint, as train.py).
 """
 FINETUNE_DOC = """Fine-tune a pretrained encoder with the MAE protocol.
 
@@ -47,7 +48,8 @@ FINETUNE_DOC = """Fine-tune a pretrained encoder with the MAE protocol.
 
 PATH: a pretraining workdir (its latest checkpoint) or a weights file (timm / MAE). Writes
 DIR/results.json, TensorBoard logs in DIR/tensorboard, the last state in DIR/checkpoints
-(rerunning resumes) and the best params in DIR/best.
+(rerunning resumes; Ctrl-C / SIGTERM stop with a checkpoint, as train.py) and the best params in
+DIR/best.
 """
 
 
@@ -147,36 +149,37 @@ def _program(doc: str, workdir_help: str, body):
   run(main, doc)
 
 
+def finish(run_program):
+  """Runs `run_program()` (a summary back), mapping its outcomes to exit statuses: one `error:`
+  line (2) for a bad config, workdir or data; 3 for a non-finite loss; 130 after Ctrl-C."""
+  from sjmae_jax import checkpointing, engine
+  try:
+    summary = run_program()
+  except (ValueError, FileNotFoundError, checkpointing.WorkdirError) as e:  # DataError: a ValueError
+    fail(str(e))
+  except engine.NonFiniteLossError as e:
+    fail(str(e), NONFINITE_ERROR)
+  if summary.get("stopped_by") == "SIGINT":
+    sys.exit(INTERRUPTED)
+
+
 def train_main():
   def body(config, workdir):
-    from sjmae_jax import checkpointing, trainer
+    from sjmae_jax import trainer
     trainer.initialize_distributed(config.distributed)
-    try:
-      summary = trainer.train_and_evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, checkpointing.WorkdirError) as e:  # DataError: a ValueError
-      fail(str(e))
-    except trainer.NonFiniteLossError as e:
-      fail(str(e), NONFINITE_ERROR)
-    if summary.get("stopped_by") == "SIGINT":
-      sys.exit(INTERRUPTED)
+    finish(lambda: trainer.train_and_evaluate(config, workdir))
   _program(TRAIN_DOC, "Directory for checkpoints, TensorBoard logs and summary.json.", body)
 
 
 def linprobe_main():
   def body(config, workdir):
     from sjmae_jax.evaluation import linear_probe
-    try:
-      linear_probe.run(config, workdir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-      fail(str(e))
-  _program(LINPROBE_DOC, "Directory for results.json and TensorBoard logs.", body)
+    finish(lambda: linear_probe.run(config, workdir))
+  _program(LINPROBE_DOC, "Directory for results.json, checkpoints and TensorBoard logs.", body)
 
 
 def finetune_main():
   def body(config, workdir):
     from sjmae_jax.evaluation import finetune
-    try:
-      finetune.run(config, workdir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-      fail(str(e))
+    finish(lambda: finetune.run(config, workdir))
   _program(FINETUNE_DOC, "Directory for results.json, checkpoints and TensorBoard logs.", body)

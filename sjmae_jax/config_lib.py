@@ -89,6 +89,93 @@ def default_img_and_patch(data: str, img: int, patch: int) -> tuple[int, int]:
   return img, patch or (4 if img <= 64 else 16)
 
 
+def add_run_keys(config, *, checkpoint_every: dict, log_every_steps: int,
+                 picture_every_steps: int = 0) -> None:
+  """The keys of every training program (pretraining, fine-tuning, linear probe): what the engine
+  (sjmae_jax/engine.py) reads. Durations are `<what>_steps | _epochs | _examples` (see `steps`)."""
+  config.seed = 0
+  config.grad_accum_steps = 1  # micro-steps per optimizer step (batch_size stays the global batch)
+  config.compute_dtype = "float32"  # or bfloat16 (params and loss math stay float32)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
+  # Multi-host: jax.distributed.initialize(); empty fields are auto-detected (TPU VMs, SLURM).
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1,
+      cpu_collectives="gloo"))
+  config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, **checkpoint_every))
+  config.log_every_steps = log_every_steps
+  config.picture_every_steps = picture_every_steps  # 0 = never
+  config.stop_at_step = 0  # stop early (with a checkpoint) at this step; the schedule is unchanged
+  # Stop early (as stop_at_step) once this many minutes of training have passed, counted from the
+  # end of the first (compiling) step; 0 = off. A time budget: the schedule is unchanged, so set
+  # epochs to what fits for the lr to reach its end.
+  config.stop_after_minutes = 0.0
+  # A step whose loss or gradient norm is not finite: 'stop' (error naming the step and the loss
+  # terms; no checkpoint is written from the bad state) or 'skip' (the update is dropped; counted
+  # in the `nonfinite_steps` metric).
+  config.nonfinite = "stop"
+  # Test hook: the images of this step (1-based, as logged) are multiplied by NaN; 0 = off.
+  config.debug = ml_collections.ConfigDict(dict(poison_step=0))
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  """The optimizer policy (sjmae_jax/optim.py). `lr_mults` / `wd_mults`: (regex over the
+  parameter path, multiplier) pairs, the first full match wins, default 1; an lr multiplier 0
+  freezes (no optimizer state). `decay_1d=False`: no weight decay on 1-D parameters (biases,
+  norms; MAE's and timm's rule). `layer_decay` < 1 adds MAE fine-tuning's layer-wise lr
+  multipliers over the encoder's blocks."""
+  optim = dict(
+      name="adamw",  # 'adamw' | 'lars'
+      b1=0.9, b2=0.95, eps=1e-8,  # adamw
+      momentum=0.9, trust_coefficient=0.001,  # lars (facebookresearch/mae util/lars.py)
+      weight_decay=0.05, clip_grad_norm=0.0,
+      lr_mults=((".*pos_embed", 0.0),),  # the fixed sin-cos tables are not trained (MAE)
+      wd_mults=(), decay_1d=False, layer_decay=1.0)
+  unknown = set(overrides) - set(optim)
+  if unknown:
+    raise ValueError(f"optim_config: unknown keys {sorted(unknown)}")
+  optim.update(overrides)
+  return ml_collections.ConfigDict(optim)
+
+
+def knn_monitor(every_epochs: float, **overrides) -> dict:
+  """kNN monitor (sjmae_jax/evaluation/knn.py): weighted kNN top-1 (DINO: k 20, cosine, T 0.07)
+  of CLS features of a class-balanced subset of the train split (num_train, 0 = all) against the
+  eval split (num_eval), logged as knn/top1; batch_size 0 = the training micro-batch."""
+  return dict(type="knn", every_epochs=every_epochs, num_train=10_000, num_eval=10_000, k=20,
+              temperature=0.07, batch_size=0, **overrides)
+
+
+def probe_blr(data: str) -> float:
+  """The linear probe's base lr: MAE's 0.1, larger on small data sets (docs/evaluation.md)."""
+  return {"digits": 25.6, "cifar10": 1.6}.get(data, 0.1)
+
+
+DURATION_UNITS = ("steps", "epochs", "examples")
+
+
+def steps(block, name: str, *, steps_per_epoch: int, batch_size: int) -> float:
+  """The duration `<name>_steps`, `<name>_epochs` or `<name>_examples` of a config block, in steps
+  (a float: fractional warmups stay exact); 0 when none is set. Setting two is an error."""
+  given = {unit: block.get(f"{name}_{unit}", 0) for unit in DURATION_UNITS}
+  given = {unit: value for unit, value in given.items() if value}
+  if len(given) > 1:
+    raise ValueError(f"config {name}_{'/'.join(given)}: set only one of them")
+  if not given:
+    return 0.0
+  unit, value = next(iter(given.items()))
+  if value < 0:
+    raise ValueError(f"config {name}_{unit}: must be >= 0, got {value}")
+  return float({"steps": value, "epochs": value * steps_per_epoch,
+                "examples": value / batch_size}[unit])
+
+
+def every_steps(block, name: str, *, steps_per_epoch: int, batch_size: int) -> int:
+  """A period (`every_epochs`, `log_every_steps`, ...) in whole steps, at least 1; 0 = never."""
+  value = steps(block, name, steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+  return max(int(round(value)), 1) if value else 0
+
+
 def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_collections.ConfigDict:
   """Base pretraining config. Arg keys: model, data, img, patch (0 = dataset default), + the caller's."""
   args = parse_arg(arg, model="", data="digits", img=0, patch=0, **arg_defaults)
@@ -97,7 +184,6 @@ def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_c
 
   config = ml_collections.ConfigDict()
   config.method = method
-  config.seed = 0
   config.model = model_config(model, img, patch)
   config.decoder = ml_collections.ConfigDict(dict(
       embed_dim=128 if on_digits else 512, depth=2 if on_digits else 8,
@@ -105,46 +191,25 @@ def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_c
   config.data = data_config(args.data, img, views)
 
   config.batch_size = 128 if on_digits else 4096  # effective global batch (all hosts, all micro-steps)
-  config.grad_accum_steps = 1
   config.epochs = 60 if on_digits else 800
   config.warmup_epochs = 5.0 if on_digits else 40.0
   config.blr = 1.5e-3 if on_digits else 1.5e-4
   config.lr = 0.0        # absolute peak lr; 0 = blr * batch_size / 256
   config.min_lr = 0.0
-  config.optim = ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, clip_grad_norm=0.0,
-      frozen_params=(".*pos_embed",)))  # the fixed sin-cos tables are not trained (MAE)
-  config.compute_dtype = "float32"  # or bfloat16 (params and loss math stay float32)
-
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  config.sharding = ml_collections.ConfigDict(dict(rules=((".*", "fsdp"),), min_size=2 ** 14))
-  # Multi-host: jax.distributed.initialize(); empty fields are auto-detected (TPU VMs, SLURM).
-  config.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address="", num_processes=0, process_id=-1,
-      cpu_collectives="gloo"))
-
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if on_digits else 1000,
-                                                     keep=3, async_save=True))
-  config.log_every_steps = 20 if on_digits else 100
-  config.picture_every_steps = 200 if on_digits else 5000  # 0 = never
-  config.stop_at_step = 0  # stop early (with a checkpoint) at this step; the schedule is unchanged
-  # Stop early (as stop_at_step) once this many minutes of training have passed, counted from the
-  # end of the first (compiling) step; 0 = off. A time budget: the schedule is unchanged, so set
-  # epochs to what fits for the lr to reach its end.
-  config.stop_after_minutes = 0.0
-  config.init_from = ""    # workdir or weights file whose encoder initialises this run
-  # A step whose loss or gradient norm is not finite: 'stop' (error naming the step and the loss
-  # terms; no checkpoint is written from the bad state) or 'skip' (the update is dropped; counted
-  # in the `nonfinite_steps` metric).
-  config.nonfinite = "stop"
-  # Test hook: the images of this step (1-based, as logged) are multiplied by NaN; 0 = off.
-  config.debug = ml_collections.ConfigDict(dict(poison_step=0))
-  # kNN monitor (sjmae_jax/evaluation/knn.py): weighted kNN top-1 (DINO: k 20, cosine, T 0.07) of
-  # CLS features, logged as knn/top1 every `every_epochs` (0 = off) and at the end. num_train /
-  # num_eval: class-balanced subsets of the train / eval split (0 = the whole split).
-  config.knn = ml_collections.ConfigDict(dict(
-      every_epochs=20 if on_digits else 50, num_train=10_000, num_eval=10_000, k=20,
-      temperature=0.07, batch_size=0))  # batch_size 0 = the pretraining batch per micro-step
+  config.optim = optim_config()
+  add_run_keys(config, checkpoint_every=dict(every_steps=200 if on_digits else 1000),
+               log_every_steps=20 if on_digits else 100,
+               picture_every_steps=200 if on_digits else 5000)
+  config.init_from = ""    # workdir or weights file whose encoder initializes this run
+  # Evaluations during training (sjmae_jax/evaluation: 'knn', 'classification',
+  # 'fast_linear_probe'), each every `every_epochs` (0 = off) and at the end of the schedule.
+  config.monitors = ml_collections.ConfigDict(dict(
+      knn=knn_monitor(20 if on_digits else 50),
+      # The fast linear probe of docs/evaluation.md on the training encoder (off by default).
+      fast_probe=dict(type="fast_linear_probe", every_epochs=0, epochs=90, warmup_epochs=10.0,
+                      blr=probe_blr(args.data), batch_size=256, num_train=10_000,
+                      num_eval=10_000),
+  ))
   config.arg = args  # what get_config was called with, for the record
   return config
 
@@ -156,7 +221,47 @@ SHARDING_STRATEGIES = ("fsdp", "replicate")
 
 def validate(config, num_devices: int | None = None) -> None:
   """Impossible values fail here, before anything is compiled or written, with one line naming
-  the key. `num_devices` (the devices of the data x fsdp mesh) enables the mesh and batch checks."""
+  the key. The engine's keys for every program; the model / data blocks for pretraining configs
+  (those with a `method`). `num_devices` (the devices of the data x fsdp mesh) enables the mesh
+  and batch checks."""
+  if "method" in config:
+    _validate_model_and_data(config)
+  if config.batch_size <= 0 or config.grad_accum_steps <= 0:
+    raise ValueError(f"config batch_size/grad_accum_steps: must be positive, got "
+                     f"{config.batch_size}/{config.grad_accum_steps}")
+  if config.epochs <= 0:
+    raise ValueError(f"config epochs: must be positive, got {config.epochs}")
+  for key in ("blr", "lr", "min_lr", "stop_at_step", "stop_after_minutes", "picture_every_steps",
+              "log_every_steps"):
+    if config.get(key, 0) < 0:
+      raise ValueError(f"config {key}: must be >= 0, got {config[key]}")
+  for block, name in ((config, "warmup"), (config, "log_every"), (config.checkpoint, "every")):
+    steps(block, name, steps_per_epoch=1, batch_size=1)  # one unit at most, none negative
+  if not steps(config.checkpoint, "every", steps_per_epoch=1, batch_size=1):
+    raise ValueError("config checkpoint.every_steps: must be >= 1 (or set checkpoint.every_epochs)")
+  if not steps(config, "log_every", steps_per_epoch=1, batch_size=1):
+    raise ValueError("config log_every_steps: must be >= 1")
+  if config.checkpoint.keep < 1:
+    raise ValueError(f"config checkpoint.keep: must be >= 1, got {config.checkpoint.keep}")
+  _validate_optim(config.optim)
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config compute_dtype: {config.compute_dtype!r} is not one of "
+                     f"{list(COMPUTE_DTYPES)}")
+  if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+    raise ValueError(f"config nonfinite: {config.nonfinite!r} is not one of "
+                     f"{list(NONFINITE_POLICIES)}")
+  if config.get("debug") and config.debug.get("poison_step", 0) < 0:
+    raise ValueError(f"config debug.poison_step: must be >= 0, got {config.debug.poison_step}")
+  for name, monitor in config.get("monitors", {}).items():
+    steps(monitor, "every", steps_per_epoch=1, batch_size=1)
+    if "type" not in monitor:
+      raise ValueError(f"config monitors.{name}: has no type")
+  _validate_sharding(config.sharding)
+  if num_devices is not None:
+    _validate_mesh_and_batch(config, num_devices)
+
+
+def _validate_model_and_data(config) -> None:
   model = config.model
   if model.img_size <= 0 or model.patch_size <= 0:
     raise ValueError(f"config model.img_size/patch_size: must be positive, got "
@@ -178,37 +283,29 @@ def validate(config, num_devices: int | None = None) -> None:
   _validate_mask_ratios(config, num_patches=(model.img_size // model.patch_size) ** 2)
   _validate_views(config.data)
 
-  if config.batch_size <= 0 or config.grad_accum_steps <= 0:
-    raise ValueError(f"config batch_size/grad_accum_steps: must be positive, got "
-                     f"{config.batch_size}/{config.grad_accum_steps}")
-  if config.epochs <= 0:
-    raise ValueError(f"config epochs: must be positive, got {config.epochs}")
-  for key in ("warmup_epochs", "blr", "lr", "min_lr", "stop_at_step", "stop_after_minutes",
-              "picture_every_steps"):
-    if config.get(key, 0) < 0:
-      raise ValueError(f"config {key}: must be >= 0, got {config[key]}")
-  for key, value in (("log_every_steps", config.log_every_steps),
-                     ("checkpoint.every_steps", config.checkpoint.every_steps),
-                     ("checkpoint.keep", config.checkpoint.keep)):
-    if value < 1:
-      raise ValueError(f"config {key}: must be >= 1, got {value}")
-  optim = config.optim
+
+OPTIMIZERS = ("adamw", "lars")
+
+
+def _validate_optim(optim) -> None:
+  if optim.name not in OPTIMIZERS:
+    raise ValueError(f"config optim.name: {optim.name!r} is not one of {list(OPTIMIZERS)}")
   if not (0.0 <= optim.b1 < 1.0 and 0.0 <= optim.b2 < 1.0):
     raise ValueError(f"config optim.b1/b2: must be in [0, 1), got {optim.b1}/{optim.b2}")
-  if optim.get("eps", 1e-8) <= 0 or optim.weight_decay < 0 or optim.get("clip_grad_norm", 0) < 0:
+  if optim.eps <= 0 or optim.weight_decay < 0 or optim.clip_grad_norm < 0:
     raise ValueError(f"config optim: eps must be > 0, weight_decay and clip_grad_norm >= 0 (got "
-                     f"{optim.get('eps')}, {optim.weight_decay}, {optim.get('clip_grad_norm')})")
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"config compute_dtype: {config.compute_dtype!r} is not one of "
-                     f"{list(COMPUTE_DTYPES)}")
-  if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
-    raise ValueError(f"config nonfinite: {config.nonfinite!r} is not one of "
-                     f"{list(NONFINITE_POLICIES)}")
-  if config.get("debug") and config.debug.get("poison_step", 0) < 0:
-    raise ValueError(f"config debug.poison_step: must be >= 0, got {config.debug.poison_step}")
-  _validate_sharding(config.sharding)
-  if num_devices is not None:
-    _validate_mesh_and_batch(config, num_devices)
+                     f"{optim.eps}, {optim.weight_decay}, {optim.clip_grad_norm})")
+  if not 0.0 < optim.layer_decay <= 1.0:
+    raise ValueError(f"config optim.layer_decay: {optim.layer_decay} must be in (0, 1]")
+  for key in ("lr_mults", "wd_mults"):
+    for rule in optim[key]:
+      if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] < 0:
+        raise ValueError(f"config optim.{key}: {tuple(rule)} is not a (regex, multiplier >= 0) "
+                         f"pair")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ValueError(f"config optim.{key}: bad regex {rule[0]!r}: {e}") from None
 
 
 def _validate_mask_ratios(config, num_patches: int) -> None:

@@ -10,7 +10,7 @@ holds the chips) and nothing is compiled: everything is traced on abstract array
 
 Counted per device:
   params, optimizer state, batch_stats/step/rng: exact. The train state's shapes come from
-    jax.eval_shape (trainer.abstract_train_state) and each array is cut by the PartitionSpec that
+    jax.eval_shape (train_state.abstract_train_state) and each array is cut by the PartitionSpec that
     train.py gives it (sharding.partition_specs, the same rules): a dimension sharded over fsdp is
     divided by the fsdp size, the rest is replicated.
   gradients: a params-sized tree sharded like the params, plus the accumulator when
@@ -36,7 +36,7 @@ from absl import app, flags
 from jax.extend import core as jax_core
 from ml_collections import config_flags
 
-from sjmae_jax import sharding, trainer
+from sjmae_jax import sharding, train_state
 from sjmae_jax.models.vit import vit_kwargs
 
 GIB = 2 ** 30
@@ -90,7 +90,7 @@ def residual_bytes(config, model, abstract_state, batch_size: int) -> int:
   """Bytes of the intermediates that jax.vjp of the loss keeps for the backward pass, for a batch
   of `batch_size` (traced, not computed). Inputs (the train state, the batch) and constants are
   not counted."""
-  def loss(params, batch_stats, batch, rng):  # the loss_fn of trainer.make_grad_fn
+  def loss(params, batch_stats, batch, rng):  # the loss_fn of train_state.make_loss_fn
     masking_rng, dropout_rng = jax.random.split(rng)
     (value, _), _ = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
                                 rngs={"masking": masking_rng, "dropout": dropout_rng},
@@ -100,7 +100,7 @@ def residual_bytes(config, model, abstract_state, batch_size: int) -> int:
   def forward(params, batch_stats, batch, rng):
     return jax.vjp(lambda p: loss(p, batch_stats, batch, rng), params)
 
-  batch = jax.eval_shape(lambda: trainer.sample_batch(config, batch_size))
+  batch = jax.eval_shape(lambda: train_state.sample_batch(config, batch_size))
   closed, shapes = jax.make_jaxpr(forward, return_shape=True)(
       abstract_state["params"], abstract_state["batch_stats"], batch, abstract_state["rng"])
   jaxpr = closed.jaxpr
@@ -131,8 +131,8 @@ def make_plan(config, num_devices: int) -> Plan:
     raise ValueError(f"config batch_size: {config.batch_size} is not divisible by grad_accum_steps "
                      f"({config.grad_accum_steps}) x devices ({num_devices})")
   micro_batch = config.batch_size // per_step
-  model = trainer.build_model(config)
-  abstract_state = trainer.abstract_train_state(config)
+  model = train_state.build_model(config)
+  abstract_state = train_state.abstract_train_state(config)
   rules, min_size = config.sharding.rules, config.sharding.min_size
   full = state_bytes(abstract_state, 1, rules, min_size)
   per_device = state_bytes(abstract_state, fsdp, rules, min_size)

@@ -1,36 +1,20 @@
-"""Pretraining: train state, the jitted update step, and the loop.
+"""Pretraining: any objective (`config.method`) on the engine's loop (sjmae_jax/engine.py).
 
-The loop reads top to bottom: checks (config, workdir, existing checkpoints) -> mesh -> data ->
-model -> eval_shape -> shardings -> (first write to the workdir) -> jitted update -> loop with
-logging, pictures, checkpoints. Every objective trains through this one loop.
-
-What survives what (docs/reliability.md): a kill at any moment loses at most the steps since the
-last complete checkpoint (Orbax writes a step to a tmp directory and renames it when complete);
-SIGTERM and Ctrl-C stop after the current step with a checkpoint; a non-finite loss stops before
-anything is saved from the bad state ('stop') or drops that update ('skip'). Rerunning a finished
-run changes nothing.
+`train_and_evaluate(config, workdir)` checks everything that can be checked (config values, the
+objective's own config block, the workdir, existing checkpoints of the same model, the data,
+memory) before anything is compiled or written, then hands the engine its Task: the objective's
+loss, the optimizer policy, the monitors of `config.monitors`, the objective's pictures.
 """
-import collections
-import functools
-import json
-import signal
-import threading
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import logging
-from clu import parameter_overview
 from etils import epath
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sjmae_jax import (checkpointing, config_lib, console, data, evaluation, metric_writers,
-                       objectives, optim, paths, sharding)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from sjmae_jax import (checkpointing, config_lib, data, engine, evaluation, objectives, optim,
+                       paths, plan, sharding)
+from sjmae_jax.engine import NonFiniteLossError, PreemptionNotice  # noqa: F401 (the programs' API)
+from sjmae_jax.train_state import (DTYPES, abstract_train_state, build_model,  # noqa: F401
+                                   init_state, kernel_cast_dtype, make_loss_fn, make_train_step,
+                                   model_state, pictures_fn, sample_batch)
 
 
 def initialize_distributed(dist_config) -> None:
@@ -46,343 +30,82 @@ def initialize_distributed(dist_config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def build_model(config):
-  if config.compute_dtype not in DTYPES:
-    raise ValueError(f"config compute_dtype: {config.compute_dtype!r} is not one of {sorted(DTYPES)}")
-  kernel_cast_dtype(config)  # a bad model.cast_params_once fails here, before compiling
-  return objectives.build(config, dtype=DTYPES[config.compute_dtype])
-
-
-def kernel_cast_dtype(config):
-  """The dtype that the step casts the matmul kernels to once (model.cast_params_once), or None
-  (each layer casts its kernel where it uses it)."""
-  once = config.model.get("cast_params_once", False)
-  if not isinstance(once, bool):
-    raise ValueError(f"config model.cast_params_once: {once!r} is not True or False")
-  dtype = DTYPES[config.compute_dtype]
-  return dtype if once and dtype != jnp.float32 else None
-
-
-def cast_kernels(params, dtype):
-  """Every floating leaf named 'kernel' (the Dense / Conv weights, which the layers cast to the
-  compute dtype where they use them) in `dtype`; the other leaves as they are."""
-  def cast(path, leaf):
-    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
-    return leaf.astype(dtype) if getattr(path[-1], "key", None) == "kernel" and floating else leaf
-  return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def sample_batch(config, batch_size: int = 2) -> dict:
-  img, chans = config.model.img_size, config.model.get("in_chans", 3)
-  return {"images": jnp.zeros((batch_size, len(config.data.views), img, img, chans), jnp.float32),
-          "label": jnp.zeros((batch_size,), jnp.int32)}
-
-
-def init_state(model, tx, config, rng) -> dict:
-  params_rng, masking_rng, dropout_rng, train_rng = jax.random.split(rng, 4)
-  variables = model.init({"params": params_rng, "masking": masking_rng, "dropout": dropout_rng},
-                         sample_batch(config), train=True)
-  params = variables["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "batch_stats": variables.get("batch_stats", {}), "rng": train_rng,
-          "nonfinite_steps": jnp.zeros((), jnp.int32)}
-
-
-def abstract_train_state(config):
-  """Shapes/dtypes of the train state (no computation, no devices needed)."""
-  model = build_model(config)
-  tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
-  return jax.eval_shape(functools.partial(init_state, model, tx, config), jax.random.PRNGKey(0))
-
-
-def microbatches(batch, num: int, mesh):
-  """(B, ...) -> (num, B/num, ...) taking rows strided, so each micro-batch spans every device."""
-  spec = NamedSharding(mesh, P(None, sharding.DATA_AXES))
-
-  def split(x):
-    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, spec)
-  return jax.tree.map(split, batch)
-
-
-def make_grad_fn(model):
-  """(params, batch_stats, batch, rng) -> ((loss, (metrics, new batch_stats)), grads)."""
-  def loss_fn(params, batch_stats, batch, rng):
-    masking_rng, dropout_rng = jax.random.split(rng)
-    (loss, metrics), updated = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch, train=True,
-        rngs={"masking": masking_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
-    return loss, (metrics, updated.get("batch_stats", batch_stats))
-  return jax.value_and_grad(loss_fn, has_aux=True)
-
-
-def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, *,
-                    skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None,
-                    kernel_dtype=None):
-  """Pure update: (state, global batch) -> (new state, scalar metrics).
-
-  With grad_accum_steps = n the batch is split into n strided micro-batches (micro-batch i gets
-  rng fold_in(step rng, i)); gradients, loss and metrics are averaged over them and BatchNorm
-  statistics are threaded through them in order.
-
-  A step whose loss or gradient norm is not finite increments state['nonfinite_steps'] (also
-  returned as a metric, so the host never has to sync just to look); with `skip_nonfinite` its
-  update is dropped (params, optimizer state and BatchNorm statistics stay as they were; the step
-  counter still advances, the batch is consumed). `poison_step` (a test hook) multiplies the
-  images of that step (1-based, as logged) by NaN. With `finish_batch` (data.augment_on_device)
-  the step receives pre-batches (uint8 images, crop boxes, random draws) and computes the views
-  itself, on the accelerator. With `kernel_dtype` (model.cast_params_once, `kernel_cast_dtype`)
-  the matmul kernels are cast to it once per step, before any micro-batch split, instead of at
-  each use; their gradients are cast back to float32 per micro-batch.
-  """
-  grad_fn = make_grad_fn(model)
-
-  def train_step(state, batch):
-    if finish_batch is not None:
-      batch = finish_batch(batch)
-    if poison_step:
-      poison = jnp.where(state["step"] + 1 == poison_step, jnp.nan, 1.0)
-      batch = dict(batch, images=batch["images"] * poison)
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    params = state["params"]
-    compute_params, gradients = params, grad_fn
-    if kernel_dtype is not None:
-      compute_params = cast_kernels(params, kernel_dtype)
-
-      def gradients(*args):
-        out, grads = grad_fn(*args)
-        return out, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    if grad_accum_steps == 1:
-      (loss, (metrics, batch_stats)), grads = gradients(compute_params, state["batch_stats"],
-                                                        batch, rng)
-    else:
-      micro = microbatches(batch, grad_accum_steps, mesh)
-
-      def accumulate(carry, inputs):
-        batch_stats, sums = carry
-        index, micro_batch = inputs
-        (loss, (metrics, batch_stats)), grads = gradients(
-            compute_params, batch_stats, micro_batch, jax.random.fold_in(rng, index))
-        sums = jax.tree.map(jnp.add, sums, (loss, metrics, grads))
-        return (batch_stats, sums), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(gradients, compute_params, state["batch_stats"], first, rng)
-      (loss_s, (metrics_s, _)), grads_s = shapes
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
-      (batch_stats, sums), _ = jax.lax.scan(
-          accumulate, (state["batch_stats"], zeros), (jnp.arange(grad_accum_steps), micro))
-      loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, sums)
-
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    updated = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-               "batch_stats": batch_stats}
-    if skip_nonfinite:
-      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
-                             {key: state[key] for key in updated})
-    nonfinite_steps = state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32)
-    new_state = dict(state, step=state["step"] + 1, nonfinite_steps=nonfinite_steps, **updated)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
-                   nonfinite_steps=nonfinite_steps)
-    return new_state, metrics
-
-  return train_step
-
-
-def make_pictures_fn(model, num_images: int = 8, finish_batch=None):
-  def pictures(state, batch):
-    small = jax.tree.map(lambda x: x[:num_images], batch)
-    if finish_batch is not None:
-      small = finish_batch(small)
-    rng = jax.random.fold_in(state["rng"], 2 ** 31 - 1)  # fixed, apart from step rngs
-    return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, small,
-                       method="pictures", rngs={"masking": rng, "dropout": rng})
-  return pictures
-
-
-def device_prefetch(host_batches, mesh, depth: int = 2):
-  """Global device batches, `depth` ahead of the consumer (transfers overlap the step)."""
-  queue = collections.deque()
-  for local in host_batches:
-    queue.append(sharding.global_batch(local, mesh))
-    if len(queue) >= depth:
-      yield queue.popleft()
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training stopped at a non-finite loss (config nonfinite='stop'); one-line message."""
-
-
-class PreemptionNotice:
-  """SIGTERM (the preemption notice of TPU VMs, SLURM, Kubernetes) or Ctrl-C -> stop at a step that
-  every process agrees on, with a checkpoint.
-
-  Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
-  SIGTERM on any process and makes `reached_preemption_sync_point` true at the same step on all
-  of them (Ctrl-C there stays Python's KeyboardInterrupt). One process: Python handlers set a flag
-  that the loop reads after each step; a second Ctrl-C raises KeyboardInterrupt at once.
-  `received` names the signal ('SIGTERM' or 'SIGINT'), or is None.
-  """
-
-  def __init__(self, start_step: int):
-    self.received = None
-    self._previous_handlers = {}
-    self.mode = "jax" if jax.process_count() > 1 else "signal"
-    if self.mode == "jax":
-      try:  # registers the step the count starts from, as early as possible
-        multihost_utils.reached_preemption_sync_point(start_step)
-      except RuntimeError:  # jax_enable_preemption_service is off
-        logging.warning("JAX preemption service off: SIGTERM kills the run; it resumes from the "
-                        "last checkpoint")
-        self.mode = "off"
-    elif threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-  def _on_signal(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT and self.received == "SIGINT":
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-      raise KeyboardInterrupt
-    if signum == signal.SIGINT:
-      print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again to abort at once)",
-            flush=True)
-    self.received = self.received or signal.Signals(signum).name
-
-  def reached(self, step: int) -> bool:
-    """True at the step to stop at; call after every step, on every process."""
-    if self.mode == "jax":
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.received = "SIGTERM"
-        return True
-      return False
-    return self.received is not None
-
-  def close(self):
-    for signum, handler in self._previous_handlers.items():
-      signal.signal(signum, handler)
-    self._previous_handlers = {}
-
-
-class TimeBudget:
-  """Says when `minutes` of training have passed (0 = never), counted from the end of the first
-  step, so that its compilation is not counted. Call `up(step, outputs)` after every step: the
-  first call waits for that step's outputs and starts the clock. The clock is read on the host,
-  which may be a few dispatched steps ahead of the device. With several processes the decision
-  is process 0's, broadcast every `check_every` steps, so that all stop at the same step.
-  """
-
-  def __init__(self, minutes: float, check_every: int = 1):
-    self.seconds = 60.0 * float(minutes or 0.0)
-    self.check_every = max(int(check_every), 1) if jax.process_count() > 1 else 1
-    self.started = None
-    self.reached = False
-    self.elapsed = 0.0  # seconds since the clock started, at the last check
-
-  def up(self, step: int, outputs) -> bool:
-    if not self.seconds:
-      return False
-    if self.started is None:
-      jax.block_until_ready(outputs)
-      self.started = time.time()
-      return False
-    if step % self.check_every:
-      return False
-    self.elapsed = time.time() - self.started
-    reached = self.elapsed >= self.seconds
-    if jax.process_count() > 1:
-      reached = bool(multihost_utils.broadcast_one_to_all(np.asarray(reached)))
-    self.reached = reached
-    return reached
-
-
-class NonFiniteWatch:
-  """Finds non-finite steps without a host sync per step.
-
-  The jitted step counts them in state['nonfinite_steps'], also a metric. The host reads that
-  count only when it fetches metrics anyway (every log_every_steps) and, under the 'stop' policy,
-  before each save, so a checkpoint is never written from a poisoned state. The metrics of the
-  steps since the last look stay on device so that the first bad step can be named.
-  """
-
-  def __init__(self, count: int):
-    self.count = count  # non-finite steps seen up to the last look
-    self.unseen = []    # [(step, device metrics)] since the last look
-
-  def record(self, step: int, metrics) -> None:
-    self.unseen.append((step, metrics))
-
-  def look(self, step: int, count: int) -> list:
-    """[(step, host metrics)] of the non-finite steps up to `step`, whose count is `count`."""
-    seen = [entry for entry in self.unseen if entry[0] <= step]
-    self.unseen = [entry for entry in self.unseen if entry[0] > step]
-    if count == self.count:
-      return []
-    bad, previous = [], self.count
-    for seen_step, metrics in jax.device_get(seen):
-      if int(metrics["nonfinite_steps"]) > previous:
-        bad.append((seen_step, metrics))
-      previous = int(metrics["nonfinite_steps"])
-    self.count = count
-    return bad
-
-
-def loss_terms(metrics) -> str:
-  names = sorted(k for k in metrics if k == "loss" or k.startswith("loss/")) + ["grad_norm"]
-  return ", ".join(f"{name} {float(metrics[name]):.4g}" for name in names if name in metrics)
-
-
-def resume_step(workdir, config) -> int:
-  """The step of the workdir's latest complete checkpoint (0: none), once checked to hold this
-  config's model. Reads only."""
-  found = checkpointing.Checkpointer(workdir, read_only=True)
-  step = found.latest_step() or 0
-  if step:
-    checkpointing.check_compatible(found, step, abstract_train_state(config), workdir, config)
-  found.close()
-  return step
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Pretrain according to `config` in `workdir`, resuming from its latest checkpoint.
-
-  Everything that can be checked (config values, workdir writable, existing checkpoints of the
-  same model, data readable, memory) is checked before anything is compiled or written. A run that
-  is already complete is left as it is (its summary is returned). Relative paths are taken from
-  the current directory.
-  """
+  """Pretrain according to `config` in `workdir`, resuming from its latest checkpoint; returns the
+  summary. A run that is already complete is left as it is. Relative paths are taken from the
+  current directory."""
   config = paths.with_absolute_paths(config)
   config_lib.validate(config, num_devices=jax.device_count())
-  workdir = epath.Path(paths.absolute(workdir))
-  checkpointing.check_writable(workdir)
+  objectives.check(config)
   if config.init_from and not epath.Path(config.init_from).exists():
     raise FileNotFoundError(f"config init_from: {paths.shown(config.init_from)} does not exist")
-  start_step = resume_step(workdir, config)
-  preemption = PreemptionNotice(start_step)
-  try:
-    return train_from(config, workdir, start_step, preemption)
-  finally:
-    preemption.close()
+  program = engine.Program(config, abstract_state=lambda: model_state_shapes(config),
+                           build=lambda start_step: pretraining_task(config, start_step))
+  return engine.run(program, workdir)
 
 
-def already_complete(workdir, step: int, total_steps: int) -> dict:
-  """Says that the run in `workdir` is done and returns its summary; writes nothing."""
-  summary_path = workdir / "summary.json"
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"step": step}
-  if jax.process_index() == 0:
-    until = "" if step >= total_steps else f" (stop_at_step; the schedule runs to {total_steps})"
-    print(f"{paths.shown(workdir)} is already complete at step {step}{until}: nothing to do. "
-          f"Summary: {paths.shown(summary_path)}; raise --config.epochs to train longer.",
-          flush=True)
-  return dict(summary, already_complete=True)
+def model_state_shapes(config):
+  """The train state's shapes (no data, no devices), for the check against existing checkpoints."""
+  model = build_model(config)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
+  return engine.abstract_train_state(lambda rng: model_state(model, config, rng), tx)
+
+
+def pretraining_task(config, start_step: int) -> engine.Task:
+  train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
+                                         seed=config.seed, start_step=start_step)
+  steps_per_epoch = train_data.steps_per_epoch
+  total_steps = config.epochs * steps_per_epoch
+  memory = check_memory(config, jax.device_count())
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  mesh = sharding.make_mesh(config.mesh)
+
+  def features(state, images):  # CLS after the final norm
+    tokens = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
+                         method="encode")
+    return tokens[:, 0].astype(jnp.float32)
+
+  def logits(state, images):
+    return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
+                       method="classify")
+
+  monitors = evaluation.build_monitors(
+      config, mesh, steps_per_epoch=steps_per_epoch, features_fn=features,
+      logits_fn=logits if objectives.has_classifier(model) else None)
+
+  def describe(num_params, start):
+    encoder = config.model
+    width = f"{encoder.embed_dim}x{encoder.depth}" if encoder.get("embed_dim") else encoder.variant
+    devices = jax.devices()
+    return (f"{config.method} pretraining: ViT {width}/{encoder.patch_size} at "
+            f"{encoder.img_size} px, {num_params / 1e6:.2f} M params, {config.compute_dtype}; "
+            f"data {config.data.source} ({train_data.num_examples:,} train images)\n"
+            f"{len(devices)} {devices[0].platform} device(s), global batch {config.batch_size}, "
+            f"{total_steps} steps ({config.epochs} epochs x {steps_per_epoch}), from step "
+            f"{start}; {memory}")
+
+  return engine.Task(
+      config=config, train_data=train_data, total_steps=total_steps,
+      init_state=lambda rng: model_state(model, config, rng), loss_fn=make_loss_fn(model),
+      tx=tx, schedule=schedule, describe=describe, monitors=monitors,
+      pictures_fn=pictures_fn(model), kernel_dtype=kernel_cast_dtype(config),
+      after_init=(lambda state, shardings: initialize_encoder_from(state, config, shardings))
+      if config.init_from else None,
+      last_lines=lambda workdir, summary: [probe_hint(config, workdir)])
+
+
+def probe_hint(config, workdir) -> str:
+  shown = paths.shown(workdir)
+  data_arg = config.get("arg", {}).get("data", "digits")
+  probe_config = "configs/linprobe.py" + ("" if data_arg == "digits" else f":data={data_arg}")
+  return (f"  probe it:     python eval_linprobe.py --config {probe_config} --workdir {shown}_probe "
+          f"--config.init_from={shown}")
 
 
 def check_memory(config, num_devices: int) -> str:
   """Stops (one ValueError line) when sjmae_jax.plan's per-device estimate is over what a device
   has; otherwise returns 'est. X of Y GiB per device' for the first lines."""
-  from sjmae_jax import plan  # plan builds on this module
   estimate = plan.make_plan(config, num_devices)
   capacity = plan.device_memory_bytes(jax.local_devices()[0])
   needed = estimate.total_per_device
@@ -399,249 +122,7 @@ def check_memory(config, num_devices: int) -> str:
   return f"est. {needed / plan.GIB:.2f} of {capacity / plan.GIB:.1f} GiB per device"
 
 
-class LazyWriter:
-  """A metric writer that creates its event file at the first write: a run that fails before
-  logging anything leaves no empty event file behind in WORKDIR/tensorboard."""
-
-  def __init__(self, create, hparams: dict):
-    self._create, self._hparams, self._writer = create, hparams, None
-
-  def _get(self):
-    if self._writer is None:
-      self._writer = self._create()
-      self._writer.write_hparams(self._hparams)
-    return self._writer
-
-  def write_scalars(self, step, scalars):
-    self._get().write_scalars(step, scalars)
-
-  def write_images(self, step, images):
-    self._get().write_images(step, images)
-
-  def flush(self):
-    if self._writer is not None:
-      self._writer.flush()
-
-
-def write_parameter_table(workdir, params) -> int:
-  """WORKDIR/parameters.txt (name, shape, dtype, size, mean, std of every parameter); returns the
-  number of parameters."""
-  if jax.process_index() == 0:
-    checkpointing.write_text_atomically(workdir / "parameters.txt",
-                                        parameter_overview.get_parameter_overview(params) + "\n")
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-
-
-def describe_run(config, train_data, num_params: int, start_step: int, total_steps: int,
-                 memory: str) -> str:
-  """The first lines of a run: what runs, on what, for how long."""
-  encoder = config.model
-  width = f"{encoder.embed_dim}x{encoder.depth}" if encoder.get("embed_dim") else encoder.variant
-  devices = jax.devices()
-  return (f"{config.method} pretraining: ViT {width}/{encoder.patch_size} at {encoder.img_size} px, "
-          f"{num_params / 1e6:.2f} M params, {config.compute_dtype}; data {config.data.source} "
-          f"({train_data.num_examples:,} train images)\n"
-          f"{len(devices)} {devices[0].platform} device(s), global batch {config.batch_size}, "
-          f"{total_steps} steps ({config.epochs} epochs x {train_data.steps_per_epoch}), from step "
-          f"{start_step}; {memory}")
-
-
-def train_from(config, workdir, start_step: int, preemption: PreemptionNotice) -> dict:
-  is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh)
-  train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
-                                         seed=config.seed, start_step=start_step)
-  steps_per_epoch = train_data.steps_per_epoch
-  total_steps = config.epochs * steps_per_epoch
-  stop_step = min(total_steps, config.stop_at_step or total_steps)
-  if start_step and start_step >= stop_step:
-    return already_complete(workdir, start_step, total_steps)
-  memory = check_memory(config, jax.device_count())
-
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
-  init_fn = functools.partial(init_state, model, tx, config)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules,
-                                            config.sharding.min_size)
-
-  checkpointing.write_config(workdir, config)  # the first write to the workdir
-  checkpointer = checkpointing.Checkpointer(  # deletes what killed saves left behind
-      workdir, max_to_keep=config.checkpoint.keep, save_every_steps=config.checkpoint.every_steps,
-      async_save=config.checkpoint.async_save)
-  if start_step:
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        state_shardings)
-    state = checkpointer.restore(start_step, abstract_state)
-    train_data.restore(checkpointer.data_state(start_step))
-  else:
-    state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-    if config.init_from:
-      state = initialise_encoder_from(state, config, state_shardings)
-
-  hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
-  writer = LazyWriter(lambda: metric_writers.create_default_writer(
-      workdir / "tensorboard", just_logging=not is_main), hparams)
-  num_params = write_parameter_table(workdir, state["params"])
-  progress = console.Progress(total_steps, start_step, end_step=stop_step,
-                              steps_per_epoch=steps_per_epoch,
-                              examples_per_step=config.batch_size,
-                              live=None if is_main else False)
-  if is_main:
-    print(describe_run(config, train_data, num_params, start_step, total_steps, memory)
-          + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
-
-  batch_sharding = sharding.batch_sharding(mesh)
-  finish_batch = train_data.finish_batch if train_data.augment_on_device else None
-  step_fn = make_train_step(model, tx, schedule, mesh, config.grad_accum_steps,
-                            skip_nonfinite=config.nonfinite == "skip",
-                            poison_step=config.debug.poison_step, finish_batch=finish_batch,
-                            kernel_dtype=kernel_cast_dtype(config))
-  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
-  pictures_fn = jax.jit(make_pictures_fn(model, finish_batch=finish_batch),
-                        out_shardings=sharding.replicated(mesh))
-  monitors = evaluation.build_monitors(config, model, mesh)
-  monitor_metrics = {}
-  nonfinite = NonFiniteWatch(int(jax.device_get(state["nonfinite_steps"])))
-
-  def look_for_nonfinite(step, count):
-    bad = nonfinite.look(step, count)
-    if bad and config.nonfinite == "stop":
-      bad_step, metrics = bad[0]
-      checkpointer.wait()  # a save in flight is of an earlier, good state
-      latest = checkpointer.latest_step()
-      raise NonFiniteLossError(
-          f"non-finite loss at step {bad_step}: {loss_terms(metrics)}; stopped without saving "
-          f"(last checkpoint: {f'step {latest}' if latest else 'none'} in "
-          f"{paths.shown(checkpointer.directory)}); --config.nonfinite=skip drops such steps "
-          f"instead")
-    if bad and is_main:
-      progress.print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped "
-                     f"update(s) of step(s) {', '.join(str(s) for s, _ in bad)}; {count} skipped "
-                     f"so far")
-
-  def fetch_metrics(step, metrics):
-    scalars = write_metrics(writer, step, metrics)
-    rate = progress.rate()
-    if rate:
-      writer.write_scalars(step, {"steps_per_sec": rate,
-                                  "images_per_sec": rate * config.batch_size})
-    if is_main:
-      progress.metrics(step, scalars)
-    look_for_nonfinite(step, int(scalars["nonfinite_steps"]))
-    return scalars
-
-  last_metrics, pending = {}, None
-  started = time.time()
-  batches = device_prefetch(iter(train_data), mesh)
-  step = start_step
-  stopped = False
-  budget = TimeBudget(config.get("stop_after_minutes", 0.0), config.log_every_steps)
-  try:
-    while step < stop_step:
-      batch = next(batches)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if budget.up(step, metrics):
-        stop_step = step  # the last step: log, monitors and checkpoint as at the end
-      nonfinite.record(step, metrics)
-      progress.step(step)
-      if pending is not None:  # fetch the previous step's metrics after dispatching this one
-        last_metrics = fetch_metrics(*pending)
-        pending = None
-      if step % config.log_every_steps == 0 or step == stop_step:
-        pending = (step, metrics)
-      if config.picture_every_steps and (step % config.picture_every_steps == 0 or step == stop_step):
-        pictures = jax.device_get(pictures_fn(state, batch))
-        writer.write_images(step, {k: np.asarray(v, np.float32) for k, v in pictures.items()})
-      # Not at an early stop (stop_at_step): the schedule is not done. A time budget's last step
-      # is the run's result: monitored.
-      for monitor in monitors:
-        if step % monitor.every_steps == 0 or step == total_steps or budget.reached:
-          results = monitor(state)
-          writer.write_scalars(step, results)
-          monitor_metrics.update(results)
-          if is_main:
-            progress.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-      stopped = preemption.reached(step)
-      if stopped or step == stop_step or checkpointer.should_save(step):
-        if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
-          look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
-        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step))
-      if stopped:
-        break
-    if pending is not None:
-      last_metrics = fetch_metrics(*pending)
-    checkpointer.wait()
-  except BaseException:
-    progress.close()
-    close_quietly(checkpointer)  # lets a save of an earlier, good state finish
-    raise
-  progress.close()
-  checkpointer.close()
-  writer.flush()
-
-  wall_seconds = time.time() - started
-  summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
-             **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
-  if budget.seconds:  # steps after the first, and their seconds (for img/s)
-    summary["timed_steps"] = step - start_step - 1
-    summary["timed_seconds"] = round(budget.elapsed, 2)
-  if budget.reached:
-    summary["stopped_after_minutes"] = config.stop_after_minutes
-    if is_main:
-      print(f"Stopped at step {step} of {total_steps}: stop_after_minutes="
-            f"{config.stop_after_minutes} reached", flush=True)
-  checkpoints = paths.shown(checkpointer.directory)
-  if stopped:
-    by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received
-    print(f"Stopped by {by} at step {step}: checkpoint saved in {checkpoints}; run the same "
-          f"command to resume", flush=True)  # every process: each log says where it stopped
-    return dict(summary, preempted=True, stopped_by=preemption.received)
-  if is_main:
-    checkpointing.write_text_atomically(workdir / "summary.json",
-                                        json.dumps(summary, indent=2, sort_keys=True))
-    print(finished_lines(config, workdir, summary, wall_seconds, monitor_metrics), flush=True)
-  return summary
-
-
-def finished_lines(config, workdir, summary: dict, wall_seconds: float, monitor_metrics) -> str:
-  """The last lines of a run: the result and where everything is."""
-  results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
-                      + [f"{k} {v:.4f}" for k, v in monitor_metrics.items()])
-  shown = paths.shown(workdir)
-  data_arg = config.get("arg", {}).get("data", "digits")
-  probe_config = "configs/linprobe.py" + ("" if data_arg == "digits" else f":data={data_arg}")
-  return "\n".join([
-      f"Done at step {summary['step']} of {summary['total_steps']} in "
-      f"{console.duration(wall_seconds)}: {results}",
-      f"  checkpoints:  {paths.shown(workdir / 'checkpoints')}",
-      f"  summary:      {paths.shown(workdir / 'summary.json')}",
-      f"  TensorBoard:  tensorboard --logdir {paths.shown(workdir / 'tensorboard')}",
-      f"  probe it:     python eval_linprobe.py --config {probe_config} --workdir {shown}_probe "
-      f"--config.init_from={shown}",
-  ])
-
-
-def close_quietly(checkpointer) -> None:
-  """Waits for in-flight saves while another error is on its way out; logs a second error."""
-  try:
-    checkpointer.close()
-  except Exception as e:  # the error being raised matters more
-    logging.error("While stopping: %s", e)
-
-
-def write_metrics(writer, step: int, metrics) -> dict:
-  scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  writer.write_scalars(step, scalars)
-  return scalars
-
-
-def initialise_encoder_from(state, config, state_shardings):
+def initialize_encoder_from(state, config, state_shardings):
   """Replace the encoder params with those of another workdir or an imported weights file.
 
   Every encoder parameter must be present with the same shape, except the final `norm`, which a

@@ -1,5 +1,6 @@
-"""Optimizers of the evaluation protocols: LARS against a hand-computed NumPy step, MAE's
-layer-wise lr decay and weight-decay groups for every parameter of a ViT-T classifier."""
+"""The optimizer policy (sjmae_jax/optim.py) of the evaluation protocols: LARS against a
+hand-computed NumPy step, MAE's layer-wise lr decay and weight-decay groups for every parameter of
+a ViT-T classifier, and the linear probe's frozen encoder."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sjmae_jax.evaluation import layer_decay
-from sjmae_jax.evaluation.finetune import make_optimizer
-from sjmae_jax.evaluation.lars import lars
+from sjmae_jax import optim
 from sjmae_jax.interop.convert import flatten, torch_key
 from sjmae_jax.models.classifier import ViTClassifier
 from sjmae_jax.models.vit import vit_kwargs
@@ -35,7 +34,9 @@ def test_lars_matches_mae_by_hand():
             "zero": np.zeros((2, 2), np.float32)}  # ||p|| = 0: no adaptation
   lrs = [0.5, 2.0, 1.0]  # a changing lr scales the buffer at each step (not before momentum)
   schedule = lambda step: jnp.asarray(lrs)[step]
-  tx = lars(schedule, momentum=0.9, trust_coefficient=0.001, weight_decay=0.1)
+  decay_all_matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optim.lars(schedule, momentum=0.9, trust_coefficient=0.001, weight_decay=0.1,
+                  decay_mask=decay_all_matrices)
   state = tx.init(params)
   expected = {k: v.copy() for k, v in params.items()}
   buffers = {k: np.zeros_like(v) for k, v in params.items()}
@@ -79,8 +80,10 @@ def vit_tiny_classifier_params(global_pool):
 def test_layer_decay_and_weight_decay_follow_mae_for_every_vit_tiny_param(global_pool):
   params, model = vit_tiny_classifier_params(global_pool)
   depth, decay = 12, 0.75
-  scales = flatten(layer_decay.lr_scales(params, depth, decay))
-  decays = flatten(layer_decay.weight_decay_mask(params))
+  policy = load_config("finetune", "data=cifar10").optim  # layer decay 0.75 and MAE's decay list
+  assert policy.layer_decay == decay and optim.encoder_depth(params) == depth
+  scales = flatten(optim.lr_multipliers(params, policy))
+  decays = flatten(jax.tree.map(lambda m: m > 0, optim.wd_multipliers(params, policy)))
   shapes = flatten(params)
   assert len(scales) == len(shapes) == 152  # 4 embedding + 12 x 12 block + 4 norm / head
   no_weight_decay_list = {"pos_embed", "cls_token", "dist_token"}
@@ -101,8 +104,8 @@ def test_finetune_optimizer_scales_each_update_by_its_layer():
   params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   config = load_config("finetune", "data=cifar10")
   config.unlock()
-  config.lr, config.warmup_epochs, config.weight_decay = 1e-3, 0.0, 0.0
-  tx, _ = make_optimizer(config, params, depth=12, steps_per_epoch=10)
+  config.lr, config.warmup_epochs, config.optim.weight_decay = 1e-3, 0.0, 0.0
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   # AdamW's first step is lr x g / |g| (bias-corrected moments): exactly the scaled lr.
@@ -110,3 +113,23 @@ def test_finetune_optimizer_scales_each_update_by_its_layer():
     name = torch_key(path[1:] if path[0] == "encoder" else path)
     expected = 1e-3 * 0.75 ** (13 - mae_layer_id(name, 13))
     np.testing.assert_allclose(np.asarray(update), -expected, rtol=1e-4, err_msg=name)
+
+
+def test_an_lr_multiplier_of_0_freezes_without_optimizer_state():
+  """The linear probe's policy: the encoder (and fc_norm) get no update and no LARS momentum; the
+  head gets its LARS step."""
+  config = load_config("linprobe")
+  params = {"encoder": {"blocks_0": {"mlp": {"fc1": {"kernel": jnp.ones((4, 4))}}},
+                        "pos_embed": jnp.ones((1, 5, 4))},
+            "fc_norm": {"scale": jnp.ones((4,))},
+            "probe_head": {"head": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros((3,))}}}
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):  # past step 0, where the warmup lr is 0
+    updates, state = tx.update(grads, state, params)
+  assert all(not np.asarray(u).any() for u in jax.tree.leaves(
+      {k: updates[k] for k in ("encoder", "fc_norm")}))
+  assert np.asarray(updates["probe_head"]["head"]["kernel"]).min() < 0
+  buffers = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if np.ndim(x))
+  assert buffers == 4 * 3 + 3  # momentum of the head's kernel and bias only

@@ -308,10 +308,11 @@ def test_token_targets_are_the_nearest_codes_of_the_frozen_teacher(tokenizer_pat
   grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, batch, rngs=RNGS(5))[0]))(
       variables["params"])
   assert all(np.all(g == 0) for g in jax.tree.leaves(grads["teacher"]))
-  labels = optim.frozen_labels(variables["params"], config.optim.frozen_params)
-  assert set(jax.tree.leaves(labels["teacher"])) == {"frozen"}
-  with pytest.raises(ValueError, match="frozen_params"):
-    trainer.build_model(token_config(tokenizer_path, **{"optim.frozen_params": (".*pos_embed",)}))
+  multipliers = optim.lr_multipliers(variables["params"], config.optim)
+  assert set(jax.tree.leaves(multipliers["teacher"])) == {0.0}  # frozen: no update, no state
+  with pytest.raises(ValueError, match="lr_mults"):
+    trainer.build_model(token_config(tokenizer_path,
+                                     **{"optim.lr_mults": ((".*pos_embed", 0.0),)}))
 
 
 def test_building_a_token_model_reads_only_the_json(tokenizer_path, tmp_path):

@@ -168,8 +168,10 @@ def test_classification_monitor_counts_valid_eval_examples_only():
   model = trainer.build_model(config)
   state = trainer.init_state(model, optim.make_optimizer(config, 1)[0], config,
                              jax.random.PRNGKey(0))
-  pipeline = data.build_eval_pipeline(config.data, split="test", global_batch_size=64)
-  monitor = ClassificationMonitor(model, mesh, pipeline, every_steps=7)
+  logits_fn = lambda state, images: model.apply({"params": state["params"]}, images,
+                                                method="classify")
+  monitor = ClassificationMonitor(config.monitors.eval, config.data, logits_fn, mesh,
+                                  batch_size=64, every_steps=7)
   top1 = monitor(state)["eval/top1"]
   # reference: all 359 test images in one padded batch, valid rows only
   whole = next(iter(data.build_eval_pipeline(config.data, split="test", global_batch_size=384)))
@@ -179,13 +181,18 @@ def test_classification_monitor_counts_valid_eval_examples_only():
   assert valid.sum() == 359
   correct = (np.asarray(logits).argmax(1) == np.asarray(whole["label"]))[valid]
   np.testing.assert_allclose(top1, correct.mean(), rtol=1e-6)
-  # built by the trainer's build_monitors for SSAT only, every epoch
-  monitors = evaluation.build_monitors(config, model, mesh)
+  # declared in configs/ssat.py (every epoch); a run without a classifier cannot have one
+  assert dict(config.monitors.eval) == {"type": "classification", "every_epochs": 1}
+  monitors = evaluation.build_monitors(config, mesh, steps_per_epoch=1438 // 32,
+                                       features_fn=lambda s, x: x, logits_fn=lambda s, x: x)
   mine = [m for m in monitors if isinstance(m, ClassificationMonitor)]
   assert len(mine) == 1 and mine[0].every_steps == 1438 // 32
   mae_config = small_config("mae")
-  mae_monitors = evaluation.build_monitors(mae_config, trainer.build_model(mae_config), mesh)
-  assert not [m for m in mae_monitors if isinstance(m, ClassificationMonitor)]
+  mae_config.monitors.knn.every_epochs = 0
+  with mae_config.unlocked():
+    mae_config.monitors.eval = dict(type="classification", every_epochs=1)
+  with pytest.raises(ValueError, match="monitors.eval: a classification monitor needs logits"):
+    evaluation.build_monitors(mae_config, mesh, steps_per_epoch=1, features_fn=lambda s, x: x)
 
 
 @pytest.mark.parametrize("variant", ["ssat", "fgcr"])

@@ -27,7 +27,7 @@ def test_grad_accumulation_averages_micro_batch_gradients():
   batch = next(iter(data.build_train_pipeline(config.data, global_batch_size=32, seed=0)))
   new_state, metrics = jax.jit(trainer.make_train_step(model, tx, schedule, mesh, 4))(state, batch)
 
-  grad_fn = jax.jit(trainer.make_grad_fn(model))
+  grad_fn = jax.jit(jax.value_and_grad(trainer.make_loss_fn(model), has_aux=True))
   rng = jax.random.fold_in(state["rng"], state["step"])
   stats, grads, losses = state["batch_stats"], [], []
   for i in range(4):
@@ -174,13 +174,13 @@ def test_init_from_a_timm_safetensors_file_sets_the_encoder(tmp_path):
   state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0))
   config.init_from = str(tmp_path / "enc.safetensors")
   shardings = sharding.tree_shardings(state, mesh, config.sharding.rules)
-  loaded = trainer.initialise_encoder_from(state, config, shardings)
+  loaded = trainer.initialize_encoder_from(state, config, shardings)
   assert_trees_close(loaded["params"]["encoder"], donor, rtol=0, atol=0)
   assert_trees_close(loaded["params"]["decoder"], state["params"]["decoder"], rtol=0, atol=0)
   config.model.embed_dim = 64
   wider = trainer.init_state(trainer.build_model(config), tx, config, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="init_from.*shape"):
-    trainer.initialise_encoder_from(wider, config, sharding.tree_shardings(wider, mesh, config.sharding.rules))
+    trainer.initialize_encoder_from(wider, config, sharding.tree_shardings(wider, mesh, config.sharding.rules))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():

@@ -80,7 +80,7 @@ def test_cifar10_shaped_folder_pretraining_with_knn_and_tensorboard(tmp_path):
   root = tmp_path / "cifar"
   write_cifar_shaped_folder(root)
   config = tiny_config("sjmae", epochs=3, batch_size=8, warmup_epochs=1, log_every_steps=5,
-                       **{"knn.every_epochs": 1, "knn.k": 5})
+                       **{"monitors.knn.every_epochs": 1, "monitors.knn.k": 5})
   config.data.source = f"folder:{root}"
   config.data.data_dir = str(tmp_path / "prepared")
   config.data.img_size = config.model.img_size = 32

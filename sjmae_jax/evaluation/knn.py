@@ -1,9 +1,10 @@
 """Weighted kNN classification of frozen features (DINO's eval_knn.py) and the pretraining monitor.
 
-Features are L2-normalised; each test example takes its k most cosine-similar train examples,
+Features are L2-normalized; each test example takes its k most cosine-similar train examples,
 each voting for its label with weight exp(similarity / temperature); the class with the largest
 vote is the prediction. The monitor embeds a labelled subset of the train split and (a subset of)
-the eval split with the objective's `encode` (CLS token after the final norm), eval recipe.
+the eval split with the run's features (pretraining: the CLS token after the final norm), eval
+recipe.
 """
 import math
 
@@ -75,61 +76,49 @@ def balanced_subset(data_config, split: str, num: int) -> str:
 
 
 class KnnMonitor:
-  """kNN top-1 of the current encoder's CLS features, logged as `knn/top1`."""
+  """kNN top-1 of the run's features (the `knn` monitor), logged as `knn/top1`.
 
-  def __init__(self, config, model, mesh, every_steps: int):
-    knn = config.knn
-    if knn.k <= 0 or knn.temperature <= 0:
-      raise ValueError(f"config knn.k/temperature: must be positive, got {knn.k}/{knn.temperature}")
-    self.every_steps = max(int(every_steps), 1)
+  Spec keys: num_train / num_eval (class-balanced subsets of data.train_split / the eval split,
+  0 = all), k, temperature, split ('' = data.eval_split), prefix ('knn/').
+  """
+
+  def __init__(self, spec, data_config, features_fn, mesh, *, batch_size: int, every_steps: int):
+    if spec.k <= 0 or spec.temperature <= 0:
+      raise ValueError(f"config monitors knn k/temperature: must be positive, got "
+                       f"{spec.k}/{spec.temperature}")
+    self.every_steps = every_steps
     self.mesh = mesh
-    self.k, self.temperature = int(knn.k), float(knn.temperature)
-    data_config = config.data
+    self.k, self.temperature = int(spec.k), float(spec.temperature)
+    self.name = f"{spec.get('prefix', 'knn/')}top1"
     self.num_classes = data.dataset_info(data_config).num_classes
-    batch_size = knn.get("batch_size", 0) or config.batch_size // config.grad_accum_steps
-    if batch_size % mesh.size:
-      raise ValueError(f"config knn.batch_size: {batch_size} is not divisible by the "
-                       f"{mesh.size} devices")
-    train_split = balanced_subset(data_config, data_config.train_split, knn.num_train)
-    eval_split = balanced_subset(data_config, data_config.eval_split, knn.get("num_eval", 0))
+    train_split = balanced_subset(data_config, data_config.train_split, spec.num_train)
+    eval_split = balanced_subset(data_config, spec.get("split", "") or data_config.eval_split,
+                                 spec.get("num_eval", 0))
     self.train_data = data.build_eval_pipeline(data_config, split=train_split,
                                                global_batch_size=batch_size)
     self.eval_data = data.build_eval_pipeline(data_config, split=eval_split,
                                               global_batch_size=batch_size)
     logging.info("kNN monitor: %d train / %d eval examples, every %d steps",
                  self.train_data.num_examples, self.eval_data.num_examples, self.every_steps)
-
-    def embed(params, batch_stats, batch):
-      tokens = model.apply({"params": params, "batch_stats": batch_stats},
-                           batch["images"][:, 0], method="encode")
-      return tokens[:, 0].astype(jnp.float32), batch["label"], batch["valid"]
-    self._embed = jax.jit(embed, out_shardings=sharding.replicated(mesh))
-
-  def features(self, state, pipeline):
-    features, labels = [], []
-    for local_batch in pipeline:
-      batch = sharding.global_batch(local_batch, self.mesh)
-      batch_features, batch_labels, valid = jax.device_get(
-          self._embed(state["params"], state["batch_stats"], batch))
-      features.append(batch_features[valid])
-      labels.append(batch_labels[valid])
-    return np.concatenate(features), np.concatenate(labels)
+    self._embed = jax.jit(
+        lambda state, batch: (features_fn(state, batch["images"][:, 0]), batch["label"],
+                              batch["valid"]), out_shardings=sharding.replicated(mesh))
 
   def __call__(self, state) -> dict:
-    train_features, train_labels = self.features(state, self.train_data)
-    eval_features, eval_labels = self.features(state, self.eval_data)
+    train_features, train_labels = features_of(self._embed, state, self.train_data, self.mesh)
+    eval_features, eval_labels = features_of(self._embed, state, self.eval_data, self.mesh)
     top1 = knn_top1(train_features, train_labels, eval_features, eval_labels, self.num_classes,
                     self.k, self.temperature)
-    return {"knn/top1": top1}
+    return {self.name: top1}
 
 
-def build(config, model, mesh) -> list:
-  """[KnnMonitor] when config.knn.every_epochs > 0, else []."""
-  knn = config.get("knn")
-  if knn is None or knn.every_epochs <= 0:
-    return []
-  if not hasattr(model, "encode"):
-    raise ValueError(f"config knn.every_epochs: the {config.method!r} objective has no encode()")
-  num_train = data.dataset_info(config.data).num_examples(config.data.train_split)
-  steps_per_epoch = max(num_train // config.batch_size, 1)
-  return [KnnMonitor(config, model, mesh, every_steps=round(knn.every_epochs * steps_per_epoch))]
+def features_of(embed, state, pipeline, mesh):
+  """(features, labels) on host of every valid example of an eval pipeline; `embed` is jitted
+  (state, global batch) -> (features, labels, valid)."""
+  features, labels = [], []
+  for local_batch in pipeline:
+    batch_features, batch_labels, valid = jax.device_get(
+        embed(state, sharding.global_batch(local_batch, mesh)))
+    features.append(batch_features[valid])
+    labels.append(batch_labels[valid])
+  return np.concatenate(features), np.concatenate(labels)

@@ -1,35 +1,38 @@
-"""MAE linear probe (facebookresearch/mae main_linprobe.py), and its fast cached-feature variant.
+"""MAE linear probe (facebookresearch/mae main_linprobe.py) on the engine's loop, and its fast
+cached-feature variant (also a monitor).
 
-Protocol ('full'): the pretrained encoder is frozen; its feature (CLS after the final norm, or
-with global_pool='avg' the mean patch token through a parameter-free LayerNorm, which is what
-MAE's untrained frozen fc_norm is) goes through BatchNorm without affine (eps 1e-6) and a linear
-head (trunc-normal std 0.01, bias 0). LARS (momentum 0.9, trust 0.001, wd 0), lr = blr x batch /
-256, per-step warmup + cosine, train views RandomResizedCrop + flip (every step runs the
-encoder), top-1 / top-5 on the eval split with resize + center crop.
+Protocol ('full'): the pretrained encoder is frozen (config.optim.lr_mults gives it multiplier
+0: no update, no optimizer state); its feature (CLS after the final norm, or with
+global_pool='avg' the mean patch token through a parameter-free LayerNorm, which is what MAE's
+untrained frozen fc_norm is) goes through BatchNorm without affine (eps 1e-6) and a linear head
+(trunc-normal std 0.01, bias 0). LARS (momentum 0.9, trust 0.001, wd 0), lr = blr x batch / 256,
+per-step warmup + cosine, train views RandomResizedCrop + flip (every step runs the encoder),
+top-1 / top-5 on the eval split with resize + center crop (the `eval` monitor).
 
 Fast ('fast'): the features of the train split are extracted once without augmentation, and the
 same head / optimizer / schedule is trained on them (seconds). It is not the protocol (no
-augmentation), so it is reported under its own names (`fast_linprobe/*`, results.json
-`fast_top1` / `fast_top5`).
+augmentation), so it is reported under its own names (results.json `fast_top1` / `fast_top5`;
+as a monitor during pretraining, `fast_probe/top1`).
 """
-import functools
+import json
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 
-from sjmae_jax import data, metric_writers, optim, paths, sharding
-from sjmae_jax.evaluation import common
-from sjmae_jax.evaluation.lars import lars
+from sjmae_jax import checkpointing, config_lib, data, engine, evaluation, optim, paths, sharding
+from sjmae_jax.evaluation import common, knn
+from sjmae_jax.evaluation.classification import topk_correct
 from sjmae_jax.models.heads import BatchNorm
 from sjmae_jax.models.vit import timm_trunc_normal
 
 MODES = ("fast", "full", "both")
+HEAD = "probe_head"  # the head's params in the probe's state, beside the classifier's encoder
 
 
 class ProbeHead(nn.Module):
@@ -43,187 +46,229 @@ class ProbeHead(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=timm_trunc_normal(self.init_std), name="head")(x)
 
 
-def init_head_state(head, tx, feature_dim: int, rng) -> dict:
-  variables = head.init(rng, jnp.zeros((2, feature_dim), jnp.float32), train=False)
-  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-          "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+def head_loss(head, params, batch_stats, features, labels):
+  """(loss, ({'train/top1'}, new batch_stats)) of the probe head on features."""
+  logits, updated = head.apply({"params": params, "batch_stats": batch_stats}, features,
+                               train=True, mutable=["batch_stats"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return loss, ({"train/top1": accuracy}, updated["batch_stats"])
 
 
-def make_head_step(head, tx, schedule):
-  """(state, features, labels) -> (state, metrics): one LARS step of the head."""
-  def step(state, features, labels):
-    def loss_fn(params):
-      logits, updated = head.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                   features, train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (updated["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == labels))
-    (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                     batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss, "train_top1": accuracy, "lr": schedule(state["step"])}
-  return step
+# ---------------------------------------------------------------------------------------------
+# Fast: a head trained on cached features.
 
 
-def make_optimizer(config, steps_per_epoch: int):
-  total = config.epochs * steps_per_epoch
-  schedule = optim.warmup_cosine(optim.base_learning_rate(config),
-                                 config.warmup_epochs * steps_per_epoch, total,
-                                 config.min_lr)
-  tx = lars(schedule, momentum=config.lars.momentum,
-            trust_coefficient=config.lars.trust_coefficient, weight_decay=config.weight_decay)
-  return tx, schedule
+def head_settings(epochs: int, warmup_epochs: float, blr: float, batch_size: int,
+                  seed: int = 0, optim_config=None) -> ml_collections.ConfigDict:
+  """The schedule / optimizer keys of a head trained on cached features (LARS by default)."""
+  return ml_collections.ConfigDict(dict(
+      epochs=epochs, warmup_epochs=warmup_epochs, blr=blr, lr=0.0, min_lr=0.0,
+      batch_size=batch_size, seed=seed,
+      optim=optim_config or config_lib.optim_config(name="lars", weight_decay=0.0, lr_mults=())))
 
 
-def _validate(config):
-  if config.mode not in MODES:
-    raise ValueError(f"config mode: {config.mode!r} is not one of {MODES}")
-  common.validate_shared(config)
-
-
-def run(config, workdir: str) -> dict:
-  """Linear-probe `config.init_from` as `config` says; writes results.json in `workdir`."""
-  _validate(config)
-  config = paths.with_absolute_paths(config)
-  workdir = epath.Path(paths.absolute(workdir))
-  started = time.time()
-  mesh = common.make_mesh(config)
-  info = data.dataset_info(config.data)
-  encoder_params, model_config = common.load_encoder(config)
-  classifier = common.build_classifier(config, model_config, info.num_classes)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, head_rng = jax.random.split(rng)
-  params = common.init_classifier_params(classifier, encoder_params, init_rng)
-  frozen = {k: v for k, v in params.items() if k != "head"}  # encoder (+ untrained fc_norm)
-  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, config.sharding.rules,
-                                                          config.sharding.min_size))
+def train_head_on_features(settings, head, rng, features, labels, mesh):
+  """Train the probe head on cached features: examples reshuffled every epoch (permutation from
+  the seed), remainder dropped. Returns {'params', 'batch_stats'}."""
+  batch_size = settings.batch_size
+  steps_per_epoch = len(labels) // batch_size
+  if not steps_per_epoch:
+    raise ValueError(f"config batch_size: {batch_size} is larger than the {len(labels)} train "
+                     f"examples of the fast probe")
+  tx, schedule = optim.make_optimizer(settings, steps_per_epoch)
+  variables = head.init(rng, jnp.zeros((2, features.shape[1]), jnp.float32), train=False)
+  state = {"params": variables["params"], "batch_stats": variables["batch_stats"], "rng": rng}
   replicated = sharding.replicated(mesh)
-
-  def features_fn(frozen_params, images):
-    features = classifier.apply({"params": frozen_params}, images, method="features")
-    return jax.lax.stop_gradient(features.astype(jnp.float32))
-
-  head = ProbeHead(info.num_classes, config.head_init_std)
-  feature_dim = classifier.encoder_kwargs["embed_dim"]
-  writer = metric_writers.create_default_writer(workdir / "tensorboard",
-                                                just_logging=jax.process_index() != 0)
-  eval_data = data.build_eval_pipeline(config.data, split=config.data.eval_split,
-                                       global_batch_size=config.batch_size)
-  results = {"split": config.data.eval_split, "init_from": str(config.init_from),
-             "wall_seconds": {}}
-
-  def head_logits_counts(state, features, batch):
-    logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                        features, train=False)
-    counts = common.topk_correct(logits, batch["label"], batch["valid"])
-    return counts[1], counts[5], jnp.sum(batch["valid"])
-
-  if config.mode in ("fast", "both"):
-    mode_started = time.time()
-    extract = jax.jit(lambda p, batch: (features_fn(p, batch["images"][:, 0]), batch["label"],
-                                        batch["valid"]), out_shardings=replicated)
-
-    def extract_split(split):
-      pipeline = data.build_eval_pipeline(config.data, split=split,
-                                          global_batch_size=config.batch_size)
-      features, labels = [], []
-      for local_batch in pipeline:
-        f, y, valid = jax.device_get(extract(frozen, sharding.global_batch(local_batch, mesh)))
-        features.append(f[valid])
-        labels.append(y[valid])
-      return np.concatenate(features), np.concatenate(labels)
-
-    train_features, train_labels = extract_split(config.data.train_split)
-    eval_features, eval_labels = extract_split(config.data.eval_split)
-    extracted = time.time() - mode_started
-    state = train_head_on_features(config, head, head_rng, train_features, train_labels, mesh,
-                                   writer, prefix="fast_linprobe")
-    metrics = evaluate_head_on_features(head, state, eval_features, eval_labels)
-    results.update(fast_top1=metrics["top1"], fast_top5=metrics["top5"])
-    results["wall_seconds"]["fast"] = round(time.time() - mode_started, 2)
-    results["wall_seconds"]["fast_feature_extraction"] = round(extracted, 2)
-    writer.write_scalars(int(state["step"]), {"fast_linprobe/top1": metrics["top1"],
-                                              "fast_linprobe/top5": metrics["top5"]})
-    print(f"fast linear probe (cached features, no augmentation): top1 {metrics['top1']:.4f} "
-          f"top5 {metrics['top5']:.4f} on {len(eval_labels)} {config.data.eval_split} examples "
-          f"({results['wall_seconds']['fast']:.1f} s)", flush=True)
-
-  if config.mode in ("full", "both"):
-    mode_started = time.time()
-    train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
-                                           seed=config.seed)
-    steps_per_epoch = train_data.steps_per_epoch
-    tx, schedule = make_optimizer(config, steps_per_epoch)
-    state = jax.device_put(init_head_state(head, tx, feature_dim, head_rng), replicated)
-    head_step = make_head_step(head, tx, schedule)
-
-    finish_batch = train_data.finish_batch if train_data.augment_on_device else None
-
-    def train_step(state, frozen_params, batch):
-      if finish_batch is not None:  # data.augment_on_device: views computed here
-        batch = finish_batch(batch)
-      return head_step(state, features_fn(frozen_params, batch["images"][:, 0]), batch["label"])
-    train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=replicated)
-    eval_step = jax.jit(lambda state, frozen_params, batch: head_logits_counts(
-        state, features_fn(frozen_params, batch["images"][:, 0]), batch),
-        out_shardings=replicated)
-    batches = iter(train_data)
-    total_steps = config.epochs * steps_per_epoch
-    print(f"Linear probe: {config.epochs} epochs x {steps_per_epoch} steps, batch "
-          f"{config.batch_size}, lr {optim.base_learning_rate(config):.4g}", flush=True)
-    for epoch in range(config.epochs):
-      for _ in range(steps_per_epoch):
-        state, metrics = train_step(state, frozen, sharding.global_batch(next(batches), mesh))
-      step = epoch * steps_per_epoch + steps_per_epoch
-      writer.write_scalars(step, {f"linprobe/train_{k}" if k != "lr" else "linprobe/lr": float(v)
-                                  for k, v in jax.device_get(metrics).items()})
-      if (epoch + 1) % config.eval_every_epochs == 0 or step == total_steps:
-        evaluation = common.evaluate(functools.partial(eval_step, state, frozen), eval_data, mesh)
-        writer.write_scalars(step, {"linprobe/top1": evaluation["top1"],
-                                    "linprobe/top5": evaluation["top5"]})
-        print(f"epoch {epoch + 1}: linprobe top1 {evaluation['top1']:.4f} top5 "
-              f"{evaluation['top5']:.4f}", flush=True)
-    results.update(top1=evaluation["top1"], top5=evaluation["top5"])
-    results["wall_seconds"]["full"] = round(time.time() - mode_started, 2)
-
-  results["epochs"] = config.epochs
-  results["wall_seconds"]["total"] = round(time.time() - started, 2)
-  writer.flush()
-  common.write_results(workdir, results, config)
-  logging.info("results: %s", results)
-  print(f"results: {workdir / 'results.json'}", flush=True)
-  return results
-
-
-def train_head_on_features(config, head, rng, features, labels, mesh, writer, prefix):
-  """Train the probe head on cached features: same optimizer, schedule and epochs as the
-  protocol, examples reshuffled every epoch (permutation from the seed), remainder dropped."""
-  batch_size = config.batch_size
-  steps_per_epoch = common.num_steps(len(labels), batch_size, f"{config.data.train_split!r}")
-  tx, schedule = make_optimizer(config, steps_per_epoch)
-  replicated = sharding.replicated(mesh)
-  state = jax.device_put(init_head_state(head, tx, features.shape[1], rng), replicated)
-  step_fn = jax.jit(make_head_step(head, tx, schedule), donate_argnums=(0,),
-                    out_shardings=replicated)
+  state = jax.device_put(engine.with_bookkeeping(state, tx), replicated)
+  step_fn = jax.jit(engine.make_train_step(
+      lambda params, batch_stats, batch, _: head_loss(head, params, batch_stats, batch["features"],
+                                                      batch["label"]),
+      tx, schedule, mesh), donate_argnums=(0,), out_shardings=replicated)
   process, count = jax.process_index(), jax.process_count()
   local = batch_size // count
-  order_rng = np.random.default_rng(config.seed)
-  for epoch in range(config.epochs):
+  order_rng = np.random.default_rng(settings.seed)
+  for _ in range(settings.epochs):
     order = order_rng.permutation(len(labels))[:steps_per_epoch * batch_size]
     for indices in order.reshape(steps_per_epoch, batch_size):
       mine = indices[process * local:(process + 1) * local]
-      batch = sharding.global_batch({"features": features[mine], "label": labels[mine]}, mesh)
-      state, metrics = step_fn(state, batch["features"], batch["label"])
-    writer.write_scalars((epoch + 1) * steps_per_epoch,
-                         {f"{prefix}/train_{k}" if k != "lr" else f"{prefix}/lr": float(v)
-                          for k, v in jax.device_get(metrics).items()})
-  return state
+      state, _ = step_fn(state, sharding.global_batch(
+          {"features": features[mine], "label": labels[mine]}, mesh))
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
 def evaluate_head_on_features(head, state, features, labels) -> dict:
-  logits = jax.jit(lambda s, f: head.apply({"params": s["params"], "batch_stats": s["batch_stats"]},
-                                           f, train=False))(state, jnp.asarray(features))
+  logits = jax.jit(lambda s, f: head.apply(s, f, train=False))(state, jnp.asarray(features))
   labels = jnp.asarray(labels)
-  counts = common.topk_correct(logits, labels, jnp.ones_like(labels, bool))
+  counts = topk_correct(logits, labels, jnp.ones_like(labels, bool))
   return {"top1": float(counts[1]) / len(labels), "top5": float(counts[5]) / len(labels)}
+
+
+class FastProbeMonitor:
+  """The `fast_linear_probe` monitor: a ProbeHead trained with LARS on the cached features of a
+  class-balanced subset of the train split (num_train, eval recipe), scored on (num_eval of) the
+  eval split: `fast_probe/top1`, `fast_probe/top5`. Spec keys: epochs, warmup_epochs, blr,
+  batch_size (of the head's steps), num_train, num_eval, seed."""
+
+  def __init__(self, spec, data_config, features_fn, mesh, *, batch_size: int, every_steps: int):
+    self.every_steps = every_steps
+    self.mesh = mesh
+    self.prefix = spec.get("prefix", "fast_probe/")
+    self.settings = head_settings(spec.epochs, spec.warmup_epochs, spec.blr, spec.batch_size,
+                                  spec.get("seed", 0))
+    self.head = ProbeHead(data.dataset_info(data_config).num_classes)
+    train_split = knn.balanced_subset(data_config, data_config.train_split,
+                                      spec.get("num_train", 0))
+    eval_split = knn.balanced_subset(data_config, spec.get("split", "") or data_config.eval_split,
+                                     spec.get("num_eval", 0))
+    self.train_data = data.build_eval_pipeline(data_config, split=train_split,
+                                               global_batch_size=batch_size)
+    self.eval_data = data.build_eval_pipeline(data_config, split=eval_split,
+                                              global_batch_size=batch_size)
+    self._embed = jax.jit(
+        lambda state, batch: (features_fn(state, batch["images"][:, 0]), batch["label"],
+                              batch["valid"]), out_shardings=sharding.replicated(mesh))
+
+  def __call__(self, state) -> dict:
+    train_features, train_labels = knn.features_of(self._embed, state, self.train_data, self.mesh)
+    eval_features, eval_labels = knn.features_of(self._embed, state, self.eval_data, self.mesh)
+    head_state = train_head_on_features(self.settings, self.head,
+                                        jax.random.PRNGKey(self.settings.seed), train_features,
+                                        train_labels, self.mesh)
+    scores = evaluate_head_on_features(self.head, head_state, eval_features, eval_labels)
+    return {f"{self.prefix}{k}": v for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The program.
+
+
+def parts(config):
+  """(checked config, dataset info, classifier, loader of the pretrained encoder)."""
+  config = common.checked(config)
+  if config.mode not in MODES:
+    raise ValueError(f"config mode: {config.mode!r} is not one of {MODES}")
+  info = data.dataset_info(config.data)
+  model_config, load_encoder = common.encoder_source(config)
+  return config, info, common.build_classifier(config, model_config, info.num_classes), load_encoder
+
+
+def program(config) -> engine.Program:
+  """The linear probe of `config.init_from` (mode 'full' / 'both': the protocol, on the engine)."""
+  config, info, classifier, load_encoder = parts(config)
+  head = ProbeHead(info.num_classes, config.head_init_std)
+  feature_dim = classifier.encoder_kwargs["embed_dim"]
+
+  def init_state(rng):
+    init_rng, head_rng = jax.random.split(rng)
+    params = dict(classifier.init(init_rng, common.sample_images(classifier))["params"])
+    del params["head"]  # the classifier's own head: the probe has its own
+    head_variables = head.init(head_rng, jnp.zeros((2, feature_dim), jnp.float32), train=False)
+    return {"params": dict(params, **{HEAD: head_variables["params"]}),
+            "batch_stats": head_variables["batch_stats"], "rng": head_rng}
+
+  def features(params, images):  # of the frozen encoder: no gradient flows back into it
+    encoder = {k: v for k, v in params.items() if k != HEAD}
+    out = classifier.apply({"params": encoder}, images, method="features")
+    return jax.lax.stop_gradient(out.astype(jnp.float32))
+
+  def loss_fn(params, batch_stats, batch, rng):
+    del rng
+    return head_loss(head, params[HEAD], batch_stats, features(params, batch["images"][:, 0]),
+                     batch["label"])
+
+  def logits(state, images):
+    return head.apply({"params": state["params"][HEAD], "batch_stats": state["batch_stats"]},
+                      features(state["params"], images), train=False)
+
+  def abstract_state():
+    tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
+    return engine.abstract_train_state(init_state, tx)
+
+  def build(start_step):
+    train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
+                                           seed=config.seed, start_step=start_step)
+    steps_per_epoch = train_data.steps_per_epoch
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+    mesh = sharding.make_mesh(config.mesh)
+    monitors = evaluation.build_monitors(config, mesh, steps_per_epoch=steps_per_epoch,
+                                         logits_fn=logits)
+    encoder_params = load_encoder()
+    fast = {}
+    if config.mode == "both" and not start_step:
+      fast = fast_probe(config, classifier, encoder_params, mesh)
+
+    def describe(num_params, start):
+      return (f"linear probe of {paths.shown(config.init_from)}: frozen encoder, "
+              f"{config.global_pool} feature ({feature_dim}), {info.num_classes} classes; data "
+              f"{config.data.source} ({train_data.num_examples:,} train images)\n"
+              f"global batch {config.batch_size}, LARS lr {optim.base_learning_rate(config):.4g}, "
+              f"{config.epochs * steps_per_epoch} steps ({config.epochs} epochs x "
+              f"{steps_per_epoch}), from step {start}")
+
+    def finalize(summary):
+      results = {"top1": summary.get("eval/top1"), "top5": summary.get("eval/top5"),
+                 "split": config.data.eval_split, "epochs": config.epochs,
+                 "init_from": str(config.init_from), **fast}
+      return common.with_config(dict(summary, **results), config)
+
+    return engine.Task(
+        config=config, train_data=train_data, total_steps=config.epochs * steps_per_epoch,
+        init_state=init_state, loss_fn=loss_fn, tx=tx, schedule=schedule, describe=describe,
+        monitors=monitors, summary_file="results.json", finalize=finalize,
+        after_init=lambda state, shardings: common.put_encoder(state, shardings, encoder_params,
+                                                               config.global_pool))
+
+  return engine.Program(config, abstract_state=abstract_state, build=build)
+
+
+def fast_probe(config, classifier, encoder_params, mesh) -> dict:
+  """{'fast_top1', 'fast_top5'}: the head trained on the train split's cached features (eval
+  recipe, no augmentation) with the probe's own optimizer, schedule, epochs and batch size."""
+  started = time.time()
+  fresh = classifier.init(jax.random.PRNGKey(config.seed), common.sample_images(classifier))
+  params = common.with_encoder(jax.device_get(fresh["params"]), encoder_params, config.global_pool)
+  params = {k: v for k, v in params.items() if k != "head"}  # features only
+  params = jax.device_put(params, sharding.tree_shardings(params, mesh, config.sharding.rules,
+                                                          config.sharding.min_size))
+  embed = jax.jit(lambda p, batch: (classifier.apply({"params": p}, batch["images"][:, 0],
+                                                     method="features").astype(jnp.float32),
+                                    batch["label"], batch["valid"]),
+                  out_shardings=sharding.replicated(mesh))
+
+  def extract(split):
+    pipeline = data.build_eval_pipeline(config.data, split=split,
+                                        global_batch_size=config.batch_size)
+    return knn.features_of(embed, params, pipeline, mesh)
+
+  train_features, train_labels = extract(config.data.train_split)
+  eval_features, eval_labels = extract(config.data.eval_split)
+  head = ProbeHead(classifier.num_classes, config.head_init_std)
+  settings = head_settings(config.epochs, config.warmup_epochs, config.blr, config.batch_size,
+                           config.seed, config.optim)
+  head_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+  state = train_head_on_features(settings, head, head_rng, train_features, train_labels, mesh)
+  scores = evaluate_head_on_features(head, state, eval_features, eval_labels)
+  seconds = round(time.time() - started, 1)
+  if jax.process_index() == 0:
+    print(f"fast linear probe (cached features, no augmentation): top1 {scores['top1']:.4f} top5 "
+          f"{scores['top5']:.4f} on {len(eval_labels)} {config.data.eval_split} examples "
+          f"({seconds} s)", flush=True)
+  return {"fast_top1": scores["top1"], "fast_top5": scores["top5"], "fast_seconds": seconds}
+
+
+def run(config, workdir: str) -> dict:
+  """The linear probe as `config.mode` says; returns what WORKDIR/results.json holds."""
+  if config.mode != "fast":
+    return engine.run(program(config), workdir)
+  config, _, classifier, load_encoder = parts(config)
+  workdir = paths.absolute(workdir)
+  checkpointing.check_writable(workdir)
+  results = dict(fast_probe(config, classifier, load_encoder(), sharding.make_mesh(config.mesh)),
+                 split=config.data.eval_split, epochs=config.epochs,
+                 init_from=str(config.init_from))
+  if jax.process_index() == 0:
+    checkpointing.write_config(workdir, config)
+    checkpointing.write_text_atomically(epath.Path(workdir) / "results.json", json.dumps(
+        common.with_config(results, config), indent=2, sort_keys=True))
+  return results

@@ -29,3 +29,18 @@ def build(config, dtype):
   if config.method not in _REGISTRY:
     raise ValueError(f"config method: unknown objective {config.method!r}; known: {sorted(_REGISTRY)}")
   return _REGISTRY[config.method](config, dtype=dtype)
+
+
+def check(config) -> None:
+  """Builds `config.method`'s objective and traces its init (no data, nothing computed), so that a
+  bad value of its config block fails at start, in one line."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sjmae_jax import train_state  # pylint: disable=import-outside-toplevel
+  model = build(config, dtype=jax.numpy.float32)
+  rngs = {name: jax.random.PRNGKey(0) for name in ("params", "masking", "dropout")}
+  jax.eval_shape(lambda: model.init(rngs, train_state.sample_batch(config), train=True))
+
+
+def has_classifier(model) -> bool:
+  """Whether the objective also classifies (`classify(images) -> logits`, e.g. SSAT)."""
+  return hasattr(model, "classify")

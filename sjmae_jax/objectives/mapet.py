@@ -30,7 +30,7 @@ from sjmae_jax import objectives
 from sjmae_jax.models.vit import (VisionTransformer, patchify, timm_trunc_normal, unpatchify,
                                   vit_kwargs)
 from sjmae_jax.objectives.mae import patch_targets, reconstruction_picture
-from sjmae_jax.optim import frozen_labels
+from sjmae_jax import optim
 from sjmae_jax.tokenizers.kmeans import nearest_centroid
 from sjmae_jax.tokenizers.tokenizer import (Tokenizer, data_normalization, read_tokenizer,
                                             teacher_features)
@@ -235,13 +235,12 @@ def token_picture(images, target_ids, predicted_ids, predicted, patch_size: int,
 
 
 def check_teacher_frozen(config) -> None:
-  """The teacher must be frozen by the optimizer: a zero gradient alone does not stop AdamW's
-  decoupled weight decay from shrinking it."""
-  frozen = tuple(config.optim.get("frozen_params", ()))
-  probe = {"teacher": {"codebook": 0, "encoder": {"blocks_0": {"attn": {"qkv": {"kernel": 0}}}}}}
-  labels = jax.tree.leaves(frozen_labels(probe, frozen))
-  if any(label != "frozen" for label in labels):
-    raise ValueError(f"config optim.frozen_params: {frozen} must freeze 'teacher/.*' for "
+  """The teacher must be frozen by the optimizer (lr multiplier 0): a zero gradient alone does
+  not stop AdamW's decoupled weight decay from shrinking it."""
+  rules = tuple(tuple(rule) for rule in config.optim.lr_mults)
+  paths = ("teacher/codebook", "teacher/encoder/blocks_0/attn/qkv/kernel")
+  if any(optim.first_match(rules, path) != 0 for path in paths):
+    raise ValueError(f"config optim.lr_mults: {rules} must freeze 'teacher/.*' (multiplier 0) for "
                      "mapet.target='tokens'")
 
 

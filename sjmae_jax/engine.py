@@ -1,0 +1,640 @@
+"""The training engine: the one loop of pretraining, fine-tuning and the linear probe.
+
+A program (trainer.py: pretraining; evaluation/finetune.py; evaluation/linear_probe.py) says what
+to train, as a `Program`: its config, the shapes of its train state (checked against existing
+checkpoints before anything else), and `build(start_step) -> Task`: data, model loss, optimizer,
+monitors. The engine does everything else, the same way for all three:
+
+  checks -> resume (checkpoint + data position) or init -> jitted step (gradient accumulation,
+  views finished on the device, non-finite watch) -> loop with progress, metrics, pictures,
+  monitors, best params, checkpoints -> summary.
+
+What survives what (docs/reliability.md): a kill at any moment loses at most the steps since the
+last complete checkpoint (Orbax writes a step to a tmp directory and renames it when complete);
+SIGTERM and Ctrl-C stop after the current step with a checkpoint; a non-finite loss stops before
+anything is saved from the bad state ('stop') or drops that update ('skip'). Rerunning a finished
+run changes nothing.
+"""
+import collections
+import dataclasses
+import json
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sjmae_jax import checkpointing, config_lib, console, metric_writers, paths, sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped at a non-finite loss (config nonfinite='stop'); one-line message."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What a program trains, for `run`.
+
+  init_state: rng -> {'params', 'batch_stats' ({} if none), 'rng' (the step rngs' root), and any
+    entry of the program's own}; the engine adds 'step', 'opt_state' and 'nonfinite_steps'.
+  loss_fn: (params, batch_stats, batch, rng) -> (loss, (scalar metrics, new batch_stats)), pure;
+    `batch` is a finished global batch ({'images': (B, V, H, W, C), 'label', ...}).
+  describe: (number of parameters, start step) -> the first lines of the run.
+  """
+  config: Any
+  train_data: Any               # data.TrainPipeline positioned at the start step
+  total_steps: int              # the schedule's length
+  init_state: Callable
+  loss_fn: Callable
+  tx: optax.GradientTransformation
+  schedule: Callable
+  describe: Callable
+  monitors: list = dataclasses.field(default_factory=list)
+  pictures_fn: Callable | None = None    # (state, finished batch) -> {name: images in [0, 1]}
+  after_update: Callable | None = None   # new state -> new state, in the step (an EMA)
+  after_init: Callable | None = None     # (state, shardings) -> state, on a fresh start
+  kernel_dtype: Any = None               # model.cast_params_once (trainer.kernel_cast_dtype)
+  summary_file: str = "summary.json"
+  keep_best: str = ""                    # a monitor metric to maximize: best params in WORKDIR/best
+  finalize: Callable | None = None       # summary -> what summary_file holds
+  last_lines: Callable | None = None     # (workdir, summary) -> lines printed at the end
+
+
+@dataclasses.dataclass
+class Program:
+  """A training program: `abstract_state()` (shapes only, no data read) for the checkpoint check;
+  `build(start_step)` the Task."""
+  config: Any
+  abstract_state: Callable
+  build: Callable
+
+
+def run(program: Program, workdir) -> dict:
+  """Train `program` in `workdir` (relative: from the current directory), resuming from its latest
+  checkpoint; returns the summary. A complete run is left as it is."""
+  config = program.config
+  workdir = epath.Path(paths.absolute(workdir))
+  checkpointing.check_writable(workdir)
+  start_step = resume_step(workdir, program.abstract_state(), config)
+  preemption = PreemptionNotice(start_step)
+  try:
+    return _train(program.build(start_step), workdir, start_step, preemption)
+  finally:
+    preemption.close()
+
+
+def resume_step(workdir, abstract_state, config) -> int:
+  """The step of the workdir's latest complete checkpoint (0: none), once checked to hold arrays
+  of `abstract_state`'s shapes. Reads only."""
+  found = checkpointing.Checkpointer(workdir, read_only=True)
+  step = found.latest_step() or 0
+  if step:
+    checkpointing.check_compatible(found, step, full_abstract_state(abstract_state), workdir,
+                                   config)
+  found.close()
+  return step
+
+
+def full_abstract_state(program_state) -> dict:
+  """Shapes of the engine's bookkeeping around a program's state (see `with_bookkeeping`)."""
+  return dict(program_state, step=jax.ShapeDtypeStruct((), jnp.int32),
+              nonfinite_steps=jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def with_bookkeeping(state, tx) -> dict:
+  """A program's fresh state plus the optimizer state and the counters."""
+  return dict(state, step=jnp.zeros((), jnp.int32), opt_state=tx.init(state["params"]),
+              nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(init_state, tx) -> dict:
+  """Shapes of the whole train state of `init_state` (rng -> program state) and `tx`."""
+  return jax.eval_shape(lambda rng: with_bookkeeping(init_state(rng), tx), jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def microbatches(batch, num: int, mesh):
+  """(B, ...) -> (num, B/num, ...) taking rows strided, so each micro-batch spans every device."""
+  spec = NamedSharding(mesh, P(None, sharding.DATA_AXES))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, spec)
+  return jax.tree.map(split, batch)
+
+
+def cast_kernels(params, dtype):
+  """Every floating leaf named 'kernel' (the Dense / Conv weights, which the layers cast to the
+  compute dtype where they use them) in `dtype`; the other leaves as they are."""
+  def cast(path, leaf):
+    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+    return leaf.astype(dtype) if getattr(path[-1], "key", None) == "kernel" and floating else leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def make_train_step(loss_fn, tx, schedule, mesh, grad_accum_steps: int = 1, *,
+                    skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None,
+                    kernel_dtype=None, after_update=None):
+  """Pure update: (state, global batch) -> (new state, scalar metrics).
+
+  With grad_accum_steps = n the batch is split into n strided micro-batches (micro-batch i gets
+  rng fold_in(step rng, i)); gradients, loss and metrics are averaged over them and BatchNorm
+  statistics are threaded through them in order.
+
+  A step whose loss or gradient norm is not finite increments state['nonfinite_steps'] (also
+  returned as a metric, so the host never has to sync just to look); with `skip_nonfinite` its
+  update is dropped (params, optimizer state and BatchNorm statistics stay as they were; the step
+  counter still advances, the batch is consumed). `poison_step` (a test hook) multiplies the
+  images of that step (1-based, as logged) by NaN. With `finish_batch` (data.augment_on_device)
+  the step receives pre-batches (uint8 images, crop boxes, random draws) and computes the views
+  itself, on the accelerator. With `kernel_dtype` (model.cast_params_once) the matmul kernels are
+  cast to it once per step, before any micro-batch split, instead of at each use; their
+  gradients are cast back to float32 per micro-batch.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    if finish_batch is not None:
+      batch = finish_batch(batch)
+    if poison_step:
+      poison = jnp.where(state["step"] + 1 == poison_step, jnp.nan, 1.0)
+      batch = dict(batch, images=batch["images"] * poison)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    params = state["params"]
+    compute_params, gradients = params, grad_fn
+    if kernel_dtype is not None:
+      compute_params = cast_kernels(params, kernel_dtype)
+
+      def gradients(*args):
+        out, grads = grad_fn(*args)
+        return out, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    if grad_accum_steps == 1:
+      (loss, (metrics, batch_stats)), grads = gradients(compute_params, state["batch_stats"],
+                                                        batch, rng)
+    else:
+      micro = microbatches(batch, grad_accum_steps, mesh)
+
+      def accumulate(carry, inputs):
+        batch_stats, sums = carry
+        index, micro_batch = inputs
+        (loss, (metrics, batch_stats)), grads = gradients(
+            compute_params, batch_stats, micro_batch, jax.random.fold_in(rng, index))
+        sums = jax.tree.map(jnp.add, sums, (loss, metrics, grads))
+        return (batch_stats, sums), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(gradients, compute_params, state["batch_stats"], first, rng)
+      (loss_s, (metrics_s, _)), grads_s = shapes
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
+      (batch_stats, sums), _ = jax.lax.scan(
+          accumulate, (state["batch_stats"], zeros), (jnp.arange(grad_accum_steps), micro))
+      loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, sums)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updated = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+               "batch_stats": batch_stats}
+    if after_update is not None:
+      updated = after_update(dict(state, **updated))
+      updated = {key: updated[key] for key in updated if key not in ("step", "nonfinite_steps")}
+    if skip_nonfinite:
+      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                             {key: state[key] for key in updated})
+    nonfinite_steps = state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32)
+    new_state = dict(state, step=state["step"] + 1, nonfinite_steps=nonfinite_steps, **updated)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
+                   nonfinite_steps=nonfinite_steps)
+    return new_state, metrics
+
+  return train_step
+
+
+def device_prefetch(host_batches, mesh, depth: int = 2):
+  """Global device batches, `depth` ahead of the consumer (transfers overlap the step)."""
+  queue = collections.deque()
+  for local in host_batches:
+    queue.append(sharding.global_batch(local, mesh))
+    if len(queue) >= depth:
+      yield queue.popleft()
+
+
+# ---------------------------------------------------------------------------------------------
+# What stops a run: signals, time, non-finite steps.
+
+
+class PreemptionNotice:
+  """SIGTERM (the preemption notice of TPU VMs, SLURM, Kubernetes) or Ctrl-C -> stop at a step that
+  every process agrees on, with a checkpoint.
+
+  Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
+  SIGTERM on any process and makes `reached_preemption_sync_point` true at the same step on all
+  of them (Ctrl-C there stays Python's KeyboardInterrupt). One process: Python handlers set a flag
+  that the loop reads after each step; a second Ctrl-C raises KeyboardInterrupt at once.
+  `received` names the signal ('SIGTERM' or 'SIGINT'), or is None.
+  """
+
+  def __init__(self, start_step: int):
+    self.received = None
+    self._previous_handlers = {}
+    self.mode = "jax" if jax.process_count() > 1 else "signal"
+    if self.mode == "jax":
+      try:  # registers the step the count starts from, as early as possible
+        multihost_utils.reached_preemption_sync_point(start_step)
+      except RuntimeError:  # jax_enable_preemption_service is off
+        logging.warning("JAX preemption service off: SIGTERM kills the run; it resumes from the "
+                        "last checkpoint")
+        self.mode = "off"
+    elif threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received == "SIGINT":
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again to abort at once)",
+            flush=True)
+    self.received = self.received or signal.Signals(signum).name
+
+  def reached(self, step: int) -> bool:
+    """True at the step to stop at; call after every step, on every process."""
+    if self.mode == "jax":
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = "SIGTERM"
+        return True
+      return False
+    return self.received is not None
+
+  def close(self):
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}
+
+
+class TimeBudget:
+  """Says when `minutes` of training have passed (0 = never), counted from the end of the first
+  step, so that its compilation is not counted. Call `up(step, outputs)` after every step: the
+  first call waits for that step's outputs and starts the clock. The clock is read on the host,
+  which may be a few dispatched steps ahead of the device. With several processes the decision
+  is process 0's, broadcast every `check_every` steps, so that all stop at the same step.
+  """
+
+  def __init__(self, minutes: float, check_every: int = 1):
+    self.seconds = 60.0 * float(minutes or 0.0)
+    self.check_every = max(int(check_every), 1) if jax.process_count() > 1 else 1
+    self.started = None
+    self.reached = False
+    self.elapsed = 0.0  # seconds since the clock started, at the last check
+
+  def up(self, step: int, outputs) -> bool:
+    if not self.seconds:
+      return False
+    if self.started is None:
+      jax.block_until_ready(outputs)
+      self.started = time.time()
+      return False
+    if step % self.check_every:
+      return False
+    self.elapsed = time.time() - self.started
+    reached = self.elapsed >= self.seconds
+    if jax.process_count() > 1:
+      reached = bool(multihost_utils.broadcast_one_to_all(np.asarray(reached)))
+    self.reached = reached
+    return reached
+
+
+class NonFiniteWatch:
+  """Finds non-finite steps without a host sync per step.
+
+  The jitted step counts them in state['nonfinite_steps'], also a metric. The host reads that
+  count only when it fetches metrics anyway (every log_every_steps) and, under the 'stop' policy,
+  before each save, so a checkpoint is never written from a poisoned state. The metrics of the
+  steps since the last look stay on device so that the first bad step can be named.
+  """
+
+  def __init__(self, count: int):
+    self.count = count  # non-finite steps seen up to the last look
+    self.unseen = []    # [(step, device metrics)] since the last look
+
+  def record(self, step: int, metrics) -> None:
+    self.unseen.append((step, metrics))
+
+  def look(self, step: int, count: int) -> list:
+    """[(step, host metrics)] of the non-finite steps up to `step`, whose count is `count`."""
+    seen = [entry for entry in self.unseen if entry[0] <= step]
+    self.unseen = [entry for entry in self.unseen if entry[0] > step]
+    if count == self.count:
+      return []
+    bad, previous = [], self.count
+    for seen_step, metrics in jax.device_get(seen):
+      if int(metrics["nonfinite_steps"]) > previous:
+        bad.append((seen_step, metrics))
+      previous = int(metrics["nonfinite_steps"])
+    self.count = count
+    return bad
+
+
+def loss_terms(metrics) -> str:
+  names = sorted(k for k in metrics if k == "loss" or k.startswith("loss/")) + ["grad_norm"]
+  return ", ".join(f"{name} {float(metrics[name]):.4g}" for name in names if name in metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+class LazyWriter:
+  """A metric writer that creates its event file at the first write: a run that fails before
+  logging anything leaves no empty event file behind in WORKDIR/tensorboard."""
+
+  def __init__(self, create, hparams: dict):
+    self._create, self._hparams, self._writer = create, hparams, None
+
+  def _get(self):
+    if self._writer is None:
+      self._writer = self._create()
+      self._writer.write_hparams(self._hparams)
+    return self._writer
+
+  def write_scalars(self, step, scalars):
+    self._get().write_scalars(step, scalars)
+
+  def write_images(self, step, images):
+    self._get().write_images(step, images)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def write_parameter_table(workdir, params) -> int:
+  """WORKDIR/parameters.txt (name, shape, dtype, size, mean, std of every parameter); returns the
+  number of parameters."""
+  if jax.process_index() == 0:
+    checkpointing.write_text_atomically(workdir / "parameters.txt",
+                                        parameter_overview.get_parameter_overview(params) + "\n")
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+def write_metrics(writer, step: int, metrics) -> dict:
+  scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  writer.write_scalars(step, scalars)
+  return scalars
+
+
+def close_quietly(checkpointer) -> None:
+  """Waits for in-flight saves while another error is on its way out; logs a second error."""
+  try:
+    checkpointer.close()
+  except Exception as e:  # the error being raised matters more
+    logging.error("While stopping: %s", e)
+
+
+def already_complete(workdir, summary_file: str, step: int, total_steps: int) -> dict:
+  """Says that the run in `workdir` is done and returns its summary; writes nothing."""
+  summary_path = workdir / summary_file
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"step": step}
+  if jax.process_index() == 0:
+    until = "" if step >= total_steps else f" (stop_at_step; the schedule runs to {total_steps})"
+    print(f"{paths.shown(workdir)} is already complete at step {step}{until}: nothing to do. "
+          f"Summary: {paths.shown(summary_path)}; raise --config.epochs to train longer.",
+          flush=True)
+  return dict(summary, already_complete=True)
+
+
+class BestParams:
+  """The params of the best value so far of a monitor metric: WORKDIR/best/checkpoints (Orbax)
+  and WORKDIR/best/best.json ({'metric', 'value', 'step'}), kept across resumes."""
+
+  def __init__(self, workdir, metric: str):
+    self.metric = metric
+    self.directory = workdir / "best"
+    self.record_path = self.directory / "best.json"
+    self.checkpointer = checkpointing.Checkpointer(self.directory, max_to_keep=1,
+                                                   save_every_steps=1, async_save=False)
+    self.record = (json.loads(self.record_path.read_text()) if self.record_path.exists()
+                   else {"metric": metric, "value": None, "step": None})
+
+  def update(self, step: int, results: dict, params) -> bool:
+    value = results.get(self.metric)
+    if value is None or (self.record["value"] is not None and value <= self.record["value"]):
+      return False
+    self.checkpointer.save(step, {"params": params}, force=True)
+    self.checkpointer.wait()
+    self.record = {"metric": self.metric, "value": float(value), "step": int(step)}
+    if jax.process_index() == 0:
+      checkpointing.write_text_atomically(self.record_path, json.dumps(self.record))
+    return True
+
+  def close(self):
+    self.checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -> dict:
+  config = task.config
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  train_data = task.train_data
+  steps_per_epoch = train_data.steps_per_epoch
+  total_steps = task.total_steps
+  stop_step = min(total_steps, config.stop_at_step or total_steps)
+  if start_step and start_step >= stop_step:
+    return already_complete(workdir, task.summary_file, start_step, total_steps)
+  every = lambda block, name: config_lib.every_steps(block, name, steps_per_epoch=steps_per_epoch,
+                                                     batch_size=config.batch_size)
+  log_every, picture_every = every(config, "log_every"), every(config, "picture_every")
+
+  init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules,
+                                            config.sharding.min_size)
+
+  checkpointing.write_config(workdir, config)  # the first write to the workdir
+  checkpointer = checkpointing.Checkpointer(  # deletes what killed saves left behind
+      workdir, max_to_keep=config.checkpoint.keep,
+      save_every_steps=every(config.checkpoint, "every"),
+      async_save=config.checkpoint.async_save)
+  if start_step:
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        state_shardings)
+    state = checkpointer.restore(start_step, abstract_state)
+    train_data.restore(checkpointer.data_state(start_step))
+  else:
+    state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+    if task.after_init is not None:
+      state = task.after_init(state, state_shardings)
+  best = BestParams(workdir, task.keep_best) if task.keep_best else None
+
+  hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
+  writer = LazyWriter(lambda: metric_writers.create_default_writer(
+      workdir / "tensorboard", just_logging=not is_main), hparams)
+  num_params = write_parameter_table(workdir, state["params"])
+  progress = console.Progress(total_steps, start_step, end_step=stop_step,
+                              steps_per_epoch=steps_per_epoch,
+                              examples_per_step=config.batch_size,
+                              live=None if is_main else False)
+  if is_main:
+    print(task.describe(num_params, start_step)
+          + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
+
+  finish_batch = train_data.finish_batch if train_data.augment_on_device else None
+  step_fn = make_train_step(task.loss_fn, task.tx, task.schedule, mesh, config.grad_accum_steps,
+                            skip_nonfinite=config.nonfinite == "skip",
+                            poison_step=config.debug.poison_step, finish_batch=finish_batch,
+                            kernel_dtype=task.kernel_dtype, after_update=task.after_update)
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  pictures_fn = None
+  if task.pictures_fn is not None and picture_every:
+    def pictures(state, batch, num_images=8):
+      small = jax.tree.map(lambda x: x[:num_images], batch)
+      return task.pictures_fn(state, finish_batch(small) if finish_batch else small)
+    pictures_fn = jax.jit(pictures, out_shardings=sharding.replicated(mesh))
+  monitor_metrics = {}
+  nonfinite = NonFiniteWatch(int(jax.device_get(state["nonfinite_steps"])))
+
+  def look_for_nonfinite(step, count):
+    bad = nonfinite.look(step, count)
+    if bad and config.nonfinite == "stop":
+      bad_step, metrics = bad[0]
+      checkpointer.wait()  # a save in flight is of an earlier, good state
+      latest = checkpointer.latest_step()
+      raise NonFiniteLossError(
+          f"non-finite loss at step {bad_step}: {loss_terms(metrics)}; stopped without saving "
+          f"(last checkpoint: {f'step {latest}' if latest else 'none'} in "
+          f"{paths.shown(checkpointer.directory)}); --config.nonfinite=skip drops such steps "
+          f"instead")
+    if bad and is_main:
+      progress.print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped "
+                     f"update(s) of step(s) {', '.join(str(s) for s, _ in bad)}; {count} skipped "
+                     f"so far")
+
+  def fetch_metrics(step, metrics):
+    scalars = write_metrics(writer, step, metrics)
+    rate = progress.rate()
+    if rate:
+      writer.write_scalars(step, {"steps_per_sec": rate,
+                                  "images_per_sec": rate * config.batch_size})
+    if is_main:
+      progress.metrics(step, scalars)
+    look_for_nonfinite(step, int(scalars["nonfinite_steps"]))
+    return scalars
+
+  last_metrics, pending = {}, None
+  started = time.time()
+  batches = device_prefetch(iter(train_data), mesh)
+  step = start_step
+  stopped = False
+  budget = TimeBudget(config.get("stop_after_minutes", 0.0), log_every)
+  try:
+    while step < stop_step:
+      batch = next(batches)
+      state, metrics = train_step(state, batch)
+      step += 1
+      if budget.up(step, metrics):
+        stop_step = step  # the last step: log, monitors and checkpoint as at the end
+      nonfinite.record(step, metrics)
+      progress.step(step)
+      if pending is not None:  # fetch the previous step's metrics after dispatching this one
+        last_metrics = fetch_metrics(*pending)
+        pending = None
+      if step % log_every == 0 or step == stop_step:
+        pending = (step, metrics)
+      if pictures_fn is not None and (step % picture_every == 0 or step == stop_step):
+        pictures = jax.device_get(pictures_fn(state, batch))
+        writer.write_images(step, {k: np.asarray(v, np.float32) for k, v in pictures.items()})
+      # Not at an early stop (stop_at_step): the schedule is not done. A time budget's last step
+      # is the run's result: monitored.
+      results = {}
+      for monitor in task.monitors:
+        if (monitor.every_steps and step % monitor.every_steps == 0) or step == total_steps or (
+            budget.reached):
+          results.update(monitor(state))
+      if results:
+        writer.write_scalars(step, results)
+        monitor_metrics.update(results)
+        if best is not None and best.update(step, results, state["params"]):
+          results[f"best {best.metric}"] = results[best.metric]
+        if is_main:
+          progress.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+      stopped = preemption.reached(step)
+      if stopped or step == stop_step or checkpointer.should_save(step):
+        if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
+          look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
+        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step))
+      if stopped:
+        break
+    if pending is not None:
+      last_metrics = fetch_metrics(*pending)
+    checkpointer.wait()
+  except BaseException:
+    progress.close()
+    close_quietly(checkpointer)  # lets a save of an earlier, good state finish
+    if best is not None:
+      close_quietly(best.checkpointer)
+    raise
+  progress.close()
+  checkpointer.close()
+  if best is not None:
+    best.close()
+  writer.flush()
+
+  wall_seconds = time.time() - started
+  summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
+             **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
+  if best is not None and best.record["value"] is not None:
+    summary.update({f"best/{best.metric}": best.record["value"], "best/step": best.record["step"]})
+  if budget.seconds:  # steps after the first, and their seconds (for img/s)
+    summary["timed_steps"] = step - start_step - 1
+    summary["timed_seconds"] = round(budget.elapsed, 2)
+  if budget.reached:
+    summary["stopped_after_minutes"] = config.stop_after_minutes
+    if is_main:
+      print(f"Stopped at step {step} of {total_steps}: stop_after_minutes="
+            f"{config.stop_after_minutes} reached", flush=True)
+  if stopped:
+    by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received
+    print(f"Stopped by {by} at step {step}: checkpoint saved in "
+          f"{paths.shown(checkpointer.directory)}; run the same command to resume",
+          flush=True)  # every process: each log says where it stopped
+    return dict(summary, preempted=True, stopped_by=preemption.received)
+  if task.finalize is not None:
+    summary = task.finalize(summary)
+  if is_main:
+    summary_path = workdir / task.summary_file
+    checkpointing.write_text_atomically(summary_path, json.dumps(summary, indent=2, sort_keys=True))
+    results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
+                        + [f"{k} {v:.4f}" for k, v in monitor_metrics.items()])
+    lines = [f"Done at step {step} of {total_steps} in {console.duration(wall_seconds)}: {results}",
+             f"  checkpoints:  {paths.shown(checkpointer.directory)}",
+             f"  summary:      {paths.shown(summary_path)}",
+             f"  TensorBoard:  tensorboard --logdir {paths.shown(workdir / 'tensorboard')}"]
+    if best is not None and best.record["value"] is not None:
+      lines.insert(2, f"  best params:  {paths.shown(best.directory / 'checkpoints')} "
+                      f"({best.metric} {best.record['value']:.4f} at step {best.record['step']})")
+    if task.last_lines is not None:
+      lines += task.last_lines(workdir, summary)
+    print("\n".join(lines), flush=True)
+  return summary
