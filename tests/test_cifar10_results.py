@@ -67,7 +67,7 @@ def test_finetune_from_scratch_with_a_time_budget(tmp_path):
   config.data.recipes.finetune.randaugment = ""
   results = finetune.run(config, str(tmp_path / "scratch"))
   assert results["init_from"] == "scratch"
-  assert results["steps"] == 2 < results["total_steps"]
+  assert results["step"] == 2 < results["total_steps"]
   assert results["stopped_after_minutes"] == 1e-6
   assert 0.0 <= results["top1"] <= 1.0 and results["num_eval_examples"] > 0
 
