@@ -62,7 +62,7 @@ def test_finetune_from_scratch_with_a_time_budget(tmp_path):
   config.unlock()
   config.from_scratch = True
   config.model.update(embed_dim=32, depth=1, num_heads=2)
-  config.epochs, config.warmup_epochs, config.layer_decay = 2, 0.5, 1.0
+  config.epochs, config.warmup_epochs, config.optim.layer_decay = 2, 0.5, 1.0
   config.stop_after_minutes = 1e-6
   config.data.recipes.finetune.randaugment = ""
   results = finetune.run(config, str(tmp_path / "scratch"))

@@ -42,4 +42,4 @@ class ClassificationMonitor:
       c1, c5, count = jax.device_get(self._count(state, batch))
       correct1, correct5, total = correct1 + int(c1), correct5 + int(c5), total + int(count)
     return {f"{self.prefix}top1": correct1 / max(total, 1),
-            f"{self.prefix}top5": correct5 / max(total, 1)}
+            f"{self.prefix}top5": correct5 / max(total, 1), f"{self.prefix}num_examples": total}

@@ -100,6 +100,7 @@ def program(config) -> engine.Program:
                  "best_epoch": (summary["best/step"] // steps_per_epoch
                                 if summary.get("best/step") else None),
                  "split": config.data.eval_split, "epochs": config.epochs,
+                 "num_eval_examples": summary.get("eval/num_examples"),
                  "init_from": "scratch" if config.from_scratch else str(config.init_from)}
       if config.ema_decay:
         results.update(ema_top1=summary.get("eval/ema_top1"), ema_top5=summary.get("eval/ema_top5"))

@@ -209,6 +209,7 @@ def program(config) -> engine.Program:
     def finalize(summary):
       results = {"top1": summary.get("eval/top1"), "top5": summary.get("eval/top5"),
                  "split": config.data.eval_split, "epochs": config.epochs,
+                 "num_eval_examples": summary.get("eval/num_examples"),
                  "init_from": str(config.init_from), **fast}
       return common.with_config(dict(summary, **results), config)
 
