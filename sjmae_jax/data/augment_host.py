@@ -35,7 +35,7 @@ U_SOLARIZE_GATE = 35
 NUM_BASE_UNIFORMS = 36
 # Fine-tuning recipes (randaugment.py, random_erasing.py) read a second block.
 RA_MAX_LAYERS = 4
-U_RA_OP = 36  # RandAugment: RA_MAX_LAYERS columns each, one per layer
+U_RA_OP = NUM_BASE_UNIFORMS  # RandAugment: RA_MAX_LAYERS columns each, one per layer
 U_RA_GATE = 40
 U_RA_MAGNITUDE = 44
 U_RA_SIGN = 48

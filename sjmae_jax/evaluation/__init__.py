@@ -7,7 +7,7 @@ TensorBoard and summary.json.
   knn.py           weighted kNN top-1 of CLS features (monitor `knn/top1`, config.knn)
   linear_probe.py  MAE linear probe (frozen encoder, BN + linear head, LARS); eval_linprobe.py
   finetune.py      MAE fine-tuning (layer decay, mixup/cutmix, ...); eval_finetune.py
-  lars.py, layer_decay.py, mixup.py, encoder.py   their building blocks
+  lars.py, layer_decay.py, mixup.py   their building blocks
 """
 
 

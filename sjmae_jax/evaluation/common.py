@@ -5,7 +5,6 @@ import json
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 
 from sjmae_jax import checkpointing, interop, sharding
@@ -124,7 +123,3 @@ def num_steps(num_examples: int, batch_size: int, what: str) -> int:
     raise ValueError(f"config batch_size: {batch_size} is larger than the {num_examples} "
                      f"examples of {what}")
   return steps
-
-
-def to_numpy_tree(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))

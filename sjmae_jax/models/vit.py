@@ -292,6 +292,8 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
+    if self.act_layer not in ACT_LAYERS:
+      raise ValueError(f"act_layer {self.act_layer!r}: choose one of {list(ACT_LAYERS)}")
     if self.act_layer == "quick_gelu":
       x = quick_gelu(x)
     elif self.gelu_impl == "fused":
