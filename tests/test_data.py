@@ -80,9 +80,9 @@ def write_folder(root, splits, size=(8, 8), fmt="png", color_of=None):
   return ids
 
 
-def example_ids(images_unnormalised):
+def example_ids(images_unnormalized):
   """Constant-colour views (B, K, H, W, 3) in [0, 1] -> the id encoded in each example."""
-  pixels = np.round(images_unnormalised[:, 0, 0, 0] * 255).astype(np.int64)
+  pixels = np.round(images_unnormalized[:, 0, 0, 0] * 255).astype(np.int64)
   return pixels[:, 0] + 256 * pixels[:, 1]
 
 

@@ -218,13 +218,13 @@ def test_nearest_centroid_matches_brute_force():
 @pytest.mark.parametrize("init", ["random", "kmeans++"])
 def test_kmeans_finds_separated_clusters(init):
   rng = np.random.default_rng(1)
-  centres = rng.normal(size=(6, 8)) * 10
-  points = (centres[:, None] + rng.normal(size=(6, 50, 8)) * 0.1).reshape(-1, 8)
+  centers = rng.normal(size=(6, 8)) * 10
+  points = (centers[:, None] + rng.normal(size=(6, 50, 8)) * 0.1).reshape(-1, 8)
   found, history = kmeans.kmeans(jax.random.PRNGKey(2), jnp.asarray(points), k=6, iterations=10,
                                  init=init)
   history = np.asarray(history)
   assert history.shape == (11,) and np.all(np.diff(history) <= 1e-4 * history[0])
-  distance = np.linalg.norm(np.asarray(found)[:, None] - centres[None], axis=-1)
+  distance = np.linalg.norm(np.asarray(found)[:, None] - centers[None], axis=-1)
   assert sorted(distance.argmin(1)) == list(range(6))  # one centroid per cluster
   assert distance.min(1).max() < 0.1
 
