@@ -15,7 +15,7 @@ from sjmae_jax.interop import timm as timm_interop
 from sjmae_jax.models.vit import VisionTransformer, patchify, vit_kwargs
 from sjmae_jax.objectives import mapet
 from sjmae_jax.tokenizers import kmeans, tokenizer
-from tests.helpers import REPO, load_config, train_losses
+from tests.helpers import REPO, load_config, override, train_losses
 
 RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed), "masking": jax.random.PRNGKey(seed + 1),
                        "dropout": jax.random.PRNGKey(seed + 2)}
@@ -25,14 +25,7 @@ TINY = {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "batch_si
 
 
 def tiny_config(arg=None, **overrides):
-  config = load_config("mapet", arg)
-  for key, value in {**TINY, **overrides}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return override(load_config("mapet", arg), {**TINY, **overrides})
 
 
 def random_batch(config, n=4, seed=0):

@@ -288,25 +288,20 @@ def apply_op(x, op_index, magnitude, negate, ops, fill, interpolation):
   size = x.shape[1:3]
   args = level_arguments(magnitude, negate, size)
   warped = affine(x, _geometric_matrix(op_index, ops, args, size), fill, interpolation)
-  results = {
-      "AutoContrast": lambda: auto_contrast(x),
-      "Equalize": lambda: equalize(x),
-      "Invert": lambda: invert(x),
-      "Posterize": lambda: posterize(x, args["Posterize"]),
-      "PosterizeIncreasing": lambda: posterize(x, args["PosterizeIncreasing"]),
-      "Solarize": lambda: solarize(x, args["Solarize"]),
-      "SolarizeIncreasing": lambda: solarize(x, args["SolarizeIncreasing"]),
-      "SolarizeAdd": lambda: solarize_add(x, args["SolarizeAdd"]),
-      "Color": lambda: color(x, args["Color"]),
-      "ColorIncreasing": lambda: color(x, args["ColorIncreasing"]),
-      "Contrast": lambda: contrast(x, args["Contrast"]),
-      "ContrastIncreasing": lambda: contrast(x, args["ContrastIncreasing"]),
-      "Brightness": lambda: brightness(x, args["Brightness"]),
-      "BrightnessIncreasing": lambda: brightness(x, args["BrightnessIncreasing"]),
-      "Sharpness": lambda: sharpness(x, args["Sharpness"]),
-      "SharpnessIncreasing": lambda: sharpness(x, args["SharpnessIncreasing"]),
-  }
-  outputs = [warped if name in GEOMETRIC_OPS else results[name]() for name in ops]
+  # timm's ops by name; an "...Increasing" op is its base op at a level that rises with magnitude
+  without_level = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert}
+  with_level = {"Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add,
+                "Color": color, "Contrast": contrast, "Brightness": brightness,
+                "Sharpness": sharpness}
+
+  def output(name):
+    if name in GEOMETRIC_OPS:
+      return warped
+    if name in without_level:
+      return without_level[name](x)
+    return with_level[name.removesuffix("Increasing")](x, args[name])
+
+  outputs = [output(name) for name in ops]
   return jnp.select([_per_image(op_index == i) for i in range(len(ops))], outputs, x)
 
 
