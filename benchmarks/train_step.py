@@ -66,7 +66,8 @@ import numpy as np
 
 from benchmarks import flops, profile_ops, step_hlo
 from sjmae_jax import config_lib, data, engine, optim, sharding, trainer
-from sjmae_jax.models.vit import VARIANTS, vit_kwargs
+from sjmae_jax.models.sizes import SIZES
+from sjmae_jax.models.vit import vit_kwargs
 # pylint: enable=wrong-import-position
 
 SCRIPT = os.path.abspath(__file__)
@@ -302,7 +303,7 @@ def model_label(config, model: str) -> str:
   sizes = (encoder["embed_dim"], encoder["depth"], encoder["num_heads"])
   decoder = (config.decoder.embed_dim, config.decoder.depth, config.decoder.num_heads)
   variant = config_lib.MODELS.get(model, ("custom",))[0]
-  if VARIANTS.get(variant) == sizes and decoder == (512, 8, 16):
+  if variant in SIZES and SIZES[variant][:3] == sizes and decoder == (512, 8, 16):
     return f"{model}_patch{encoder['patch_size']}"
   return (f"vit_{sizes[0]}x{sizes[1]}_dec{decoder[0]}x{decoder[1]}"
           f"_patch{encoder['patch_size']}")

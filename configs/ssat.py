@@ -23,8 +23,7 @@ def get_config(arg=None):
     raise ValueError(f"config arg variant={config.arg.variant!r}: unknown "
                      f"(known: {sorted(VARIANTS)})")
   # timm's fine-tuning transform: RRC(0.08-1) + flip + RandAugment m9 + random erasing 0.25.
-  if "finetune" in config.data.recipes:
-    config.data.views = ["finetune"]
+  config.data.views = ["finetune"]
   if config.arg.data == "cifar10":
     config.data.normalize, config.data.mean, config.data.std = "custom", CIFAR10_MEAN, CIFAR10_STD
   config.decoder.embed_dim, config.decoder.depth, config.decoder.num_heads = 128, 2, 16

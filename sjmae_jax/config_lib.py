@@ -9,17 +9,12 @@ import re
 import ml_collections
 
 from sjmae_jax import data as data_lib
+from sjmae_jax.models.sizes import SIZES
 
 
-# name -> (variant, embed_dim, depth, num_heads); 'vit_micro' is the CPU-sized demo encoder.
-MODELS = {
-    "vit_micro": ("custom", 128, 4, 4),
-    "vit_tiny": ("tiny", 0, 0, 0),
-    "vit_small": ("small", 0, 0, 0),
-    "vit_base": ("base", 0, 0, 0),
-    "vit_large": ("large", 0, 0, 0),
-    "vit_huge": ("huge", 0, 0, 0),
-}
+# name -> (variant, embed_dim, depth, num_heads): vit_{size} for the standard sizes (their widths
+# come from the variant), and 'vit_micro', the CPU-sized demo encoder.
+MODELS = {"vit_micro": ("custom", 128, 4, 4), **{f"vit_{size}": (size, 0, 0, 0) for size in SIZES}}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -37,10 +37,10 @@ from jax.extend import core as jax_core
 from ml_collections import config_flags
 
 from sjmae_jax import sharding, train_state
+from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import vit_kwargs
 
 GIB = 2 ** 30
-VARIANT_LETTERS = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
 
 
 @dataclasses.dataclass
@@ -114,7 +114,7 @@ def residual_bytes(config, model, abstract_state, batch_size: int) -> int:
 def model_title(config) -> str:
   encoder = vit_kwargs(config.model)
   variant = config.model.get("variant", "base")
-  name = (f"ViT-{VARIANT_LETTERS[variant]}" if variant in VARIANT_LETTERS
+  name = (f"ViT-{SIZES[variant].letter}" if variant in SIZES
           else f"ViT-{encoder['embed_dim']}x{encoder['depth']}")
   return (f"{config.method} {name}/{encoder['patch_size']} (img {encoder['img_size']}), "
           f"global batch {config.batch_size}, grad_accum {config.grad_accum_steps}, "

@@ -23,15 +23,19 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(name: str = "mae", **overrides):
-  config = load_config(name)
-  for key, value in {**TINY_OVERRIDES, **overrides}.items():
+def override(config, overrides: dict):
+  """`config` with its dotted keys ('model.depth') set to the values of `overrides`."""
+  for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
     for parent in parents:
       node = node[parent]
     node[leaf] = value
   return config
+
+
+def tiny_config(name: str = "mae", **overrides):
+  return override(load_config(name), {**TINY_OVERRIDES, **overrides})
 
 
 def train_losses(config, steps: int, batch_size: int = 32) -> list:

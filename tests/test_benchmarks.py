@@ -139,8 +139,8 @@ def test_dot_flops_reads_dots_convolutions_and_cudnn_attention():
   text = jax.jit(conv).lower(images, kernel).as_text()
   assert step_hlo.dot_flops(text) == {"conv": 2 * (2 * 2 * 2 * 16) * (4 * 4 * 3)}
   # cuDNN attention is a custom call in the lowered program: counted from q's and k's shapes
-  fmha = ('%1 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%q, %k, %v) : (tensor<2x50x12x64xbf16>,'
-          ' tensor<2x50x12x64xbf16>, tensor<2x50x12x64xbf16>) -> tensor<2x50x12x64xbf16>')
+  fmha = ("%1 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%q, %k, %v) : (tensor<2x50x12x64xbf16>,"
+          " tensor<2x50x12x64xbf16>, tensor<2x50x12x64xbf16>) -> tensor<2x50x12x64xbf16>")
   forward = 4 * 2 * 12 * 50 * 50 * 64
   assert step_hlo.dot_flops(fmha) == {"attention": forward}
   assert step_hlo.dot_flops(fmha.replace("Softmax(", "SoftmaxBackward(")) == {

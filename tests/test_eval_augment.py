@@ -21,12 +21,12 @@ FILL = (124, 116, 104)  # timm's img_mean for the ImageNet mean
 def _images():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
-  rows, cols = np.meshgrid(np.arange(20), np.arange(24), indexing='ij')  # smooth gradients too
+  rows, cols = np.meshgrid(np.arange(20), np.arange(24), indexing="ij")  # smooth gradients too
   images[2] = np.stack([(cols * 10) % 256, (rows * 12) % 256, ((cols + rows) * 5) % 256], -1)
   return images
 
 
-@pytest.mark.parametrize('ops', [randaugment.OPS_INCREASING, randaugment.OPS])
+@pytest.mark.parametrize("ops", [randaugment.OPS_INCREASING, randaugment.OPS])
 def test_every_randaugment_op_matches_timm(ops, monkeypatch):
   images = _images()
   n, height, width = images.shape[:3]
@@ -35,15 +35,15 @@ def test_every_randaugment_op_matches_timm(ops, monkeypatch):
   for name in ops:
     for magnitude in (3.0, 9.0):
       for negate in (False, True):
-        monkeypatch.setattr(timm_aa, '_randomly_negate', lambda v, negate=negate: -v if negate else v)
+        monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v, negate=negate: -v if negate else v)
         level_fn = timm_aa.LEVEL_TO_ARG[name]
-        args = level_fn(magnitude, {'translate_pct': 0.45}) if level_fn else ()
+        args = level_fn(magnitude, {"translate_pct": 0.45}) if level_fn else ()
         expected = np.stack([np.asarray(timm_aa.NAME_TO_OP[name](
             Image.fromarray(image), *args, fillcolor=FILL, resample=Image.BICUBIC))
             for image in images])
         got = apply(jnp.asarray(images, jnp.float32), jnp.full((n,), ops.index(name)),
                     jnp.full((n,), magnitude), jnp.full((n,), negate), ops,
-                    jnp.asarray(FILL, jnp.float32), 'bicubic')
+                    jnp.asarray(FILL, jnp.float32), "bicubic")
         diff = np.abs(np.asarray(got) - expected.astype(np.float32))
         # float32 vs PIL's double arithmetic: a truncation may land one level apart, rarely.
         assert diff.max() <= 1.0 and (diff > 0).mean() < 0.05, (name, magnitude, negate)
@@ -52,22 +52,22 @@ def test_every_randaugment_op_matches_timm(ops, monkeypatch):
 
 
 def test_randaugment_string_follows_timm():
-  config = randaugment.parse('rand-m9-mstd0.5-inc1')
+  config = randaugment.parse("rand-m9-mstd0.5-inc1")
   assert (config.num_layers, config.magnitude, config.magnitude_std, config.prob,
           config.magnitude_max) == (2, 9.0, 0.5, 0.5, 10.0)
   assert config.ops == tuple(timm_aa._RAND_INCREASING_TRANSFORMS)
-  assert randaugment.parse('rand-m7-n3-p1.0').ops == tuple(timm_aa._RAND_TRANSFORMS)
-  timm_transform = timm_aa.rand_augment_transform('rand-m9-mstd0.5-inc1', {})
+  assert randaugment.parse("rand-m7-n3-p1.0").ops == tuple(timm_aa._RAND_TRANSFORMS)
+  timm_transform = timm_aa.rand_augment_transform("rand-m9-mstd0.5-inc1", {})
   assert [op.name for op in timm_transform.ops] == list(config.ops)
   assert timm_transform.num_layers == config.num_layers
   assert {op.prob for op in timm_transform.ops} == {config.prob}
-  for bad in ('rand-x9', 'augmix-m9', 'rand-n9', 'rand-p2'):
-    with pytest.raises(data.DataError, match='randaugment'):
+  for bad in ("rand-x9", "augmix-m9", "rand-n9", "rand-p2"):
+    with pytest.raises(data.DataError, match="randaugment"):
       randaugment.parse(bad)
 
 
 def test_randaugment_draws_ops_gates_and_magnitudes_from_the_uniforms():
-  config = randaugment.parse('rand-m9-mstd0.5-inc1')
+  config = randaugment.parse("rand-m9-mstd0.5-inc1")
   u = np.random.default_rng(1).random((20000, augment_host.NUM_UNIFORMS)).astype(np.float32)
   magnitude = np.asarray(randaugment.sample_magnitude(jnp.asarray(u[:, augment_host.U_RA_MAGNITUDE]),
                                                       config))
@@ -78,7 +78,7 @@ def test_randaugment_draws_ops_gates_and_magnitudes_from_the_uniforms():
   u4 = np.full((4, augment_host.NUM_UNIFORMS), 0.3, np.float32)
   u4[:, augment_host.U_RA_GATE:augment_host.U_RA_GATE + 2] = 0.9  # both layers skipped
   u4[1, augment_host.U_RA_GATE] = 0.1  # image 1: layer 0 applied, op 'Invert'
-  u4[1, augment_host.U_RA_OP] = (config.ops.index('Invert') + 0.5) / len(config.ops)
+  u4[1, augment_host.U_RA_OP] = (config.ops.index("Invert") + 0.5) / len(config.ops)
   out = np.asarray(randaugment.rand_augment(images, jnp.asarray(u4), config, (0.5, 0.5, 0.5)))
   quantized = np.round(np.asarray(images) * 255.0) / 255.0
   np.testing.assert_allclose(out[0], quantized[0], atol=1e-6)
@@ -90,7 +90,7 @@ def test_random_erasing_statistics_match_timm():
   torch.manual_seed(0)
   import random
   random.seed(0)
-  eraser = RandomErasing(probability=0.25, mode='pixel', device='cpu')
+  eraser = RandomErasing(probability=0.25, mode="pixel", device="cpu")
   timm_masks = []
   for _ in range(count):
     image = torch.zeros(3, size, size)
@@ -101,7 +101,7 @@ def test_random_erasing_statistics_match_timm():
   ours = np.asarray(jax.jit(random_erasing.random_erase, static_argnums=2)(
       jnp.zeros((count, size, size, 3)), jnp.asarray(u), 0.25))
   our_masks = (ours != 0).any(-1)
-  for name, masks in (('timm', timm_masks), ('ours', our_masks)):
+  for name, masks in (("timm", timm_masks), ("ours", our_masks)):
     erased = masks.any(axis=(1, 2))
     assert abs(erased.mean() - 0.25) < 0.025, name
   timm_area = timm_masks.sum(axis=(1, 2))[timm_masks.any(axis=(1, 2))] / size ** 2
@@ -120,12 +120,12 @@ def test_finetune_recipe_in_the_train_pipeline(tmp_path):
   cfg = data.default_config()
   cfg.data_dir = str(tmp_path)
   recipe = cfg.recipes.finetune
-  assert recipe.randaugment == 'rand-m9-mstd0.5-inc1' and recipe.random_erase_prob == 0.25
-  assert tuple(recipe.rrc_scale) == (0.08, 1.0) and recipe.interpolation == 'bicubic'
+  assert recipe.randaugment == "rand-m9-mstd0.5-inc1" and recipe.random_erase_prob == 0.25
+  assert tuple(recipe.rrc_scale) == (0.08, 1.0) and recipe.interpolation == "bicubic"
   assert recipe.flip_prob == 0.5 and recipe.jitter_prob == 0.0
-  cfg.views = ['finetune', 'mae']
+  cfg.views = ["finetune", "mae"]
   batch = next(data.build_train_pipeline(cfg, global_batch_size=64, seed=0))
-  images = batch['images']
+  images = batch["images"]
   assert images.shape == (64, 2, 16, 16, 3) and np.isfinite(images).all()
   mean, std = np.asarray(data.IMAGENET_MEAN), np.asarray(data.IMAGENET_STD)
   plain = (images[:, 1] * std + mean)
@@ -134,12 +134,12 @@ def test_finetune_recipe_in_the_train_pipeline(tmp_path):
   erased = ((unnormalized < -1e-3) | (unnormalized > 1 + 1e-3)).any(axis=(1, 2, 3))
   assert 0 < erased.mean() < 0.5  # some views carry out-of-range erasing noise
 
-  cfg.recipes.finetune.randaugment = 'rand-m9-bogus'
+  cfg.recipes.finetune.randaugment = "rand-m9-bogus"
   with pytest.raises(data.DataError, match=r"randaugment='rand-m9-bogus'"):
     data.build_train_pipeline(cfg, global_batch_size=64, seed=0)
-  cfg.recipes.finetune.randaugment = ''
+  cfg.recipes.finetune.randaugment = ""
   cfg.recipes.finetune.random_erase_prob = 1.5
-  with pytest.raises(data.DataError, match='random_erase_prob=1.5'):
+  with pytest.raises(data.DataError, match="random_erase_prob=1.5"):
     data.build_train_pipeline(cfg, global_batch_size=64, seed=0)
 
 
@@ -148,7 +148,7 @@ def test_mixup_cutmix_targets_are_convex_label_mixtures():
   labels = jnp.arange(batch) % num_classes
   images = jnp.arange(batch, dtype=jnp.float32)[:, None, None, None] * jnp.ones((batch, 8, 8, 3))
   mix = jax.jit(mixup.mix, static_argnums=3, static_argnames=(
-      'mixup_alpha', 'cutmix_alpha', 'switch_prob', 'prob', 'label_smoothing'))
+      "mixup_alpha", "cutmix_alpha", "switch_prob", "prob", "label_smoothing"))
   partner = batch - 1 - np.arange(batch)  # timm mixes image i with image B-1-i
   modes = set()
   for seed in range(12):
@@ -168,5 +168,5 @@ def test_mixup_cutmix_targets_are_convex_label_mixtures():
     np.testing.assert_allclose(targets, expected, atol=1e-6)
     pasted = np.all((mixed == np.arange(batch)[:, None, None, None])
                     | (mixed == partner[:, None, None, None]))
-    modes.add('cutmix' if pasted else 'mixup')
-  assert modes == {'cutmix', 'mixup'}
+    modes.add("cutmix" if pasted else "mixup")
+  assert modes == {"cutmix", "mixup"}

@@ -24,6 +24,7 @@ from sjmae_jax.interop import timm as timm_interop
 from sjmae_jax.interop.io import save_state_dict, sidecar_path
 from sjmae_jax.models.classifier import ViTClassifier
 from sjmae_jax.models.decoder import MAEDecoder
+from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import VisionTransformer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,7 +228,7 @@ def test_registered_timm_names_have_the_sizes_we_assume(timm):
     with torch.device("meta"):
       model = timm.create_model(name, pretrained=False)
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == \
-        timm_interop.TIMM_VIT_SIZES[size], name
+        SIZES[size][:3], name
     assert model.patch_embed.patch_size == (patch, patch), name
     assert model.global_pool == "token" and not model.no_embed_class, name
   assert timm_interop.timm_name_for(384, 12, 16, 224) == "vit_small_patch16_224"

@@ -184,10 +184,8 @@ def test_run_config_round_trips_in_a_gs_workdir(bucket):
 def test_tokenizer_files_round_trip_on_gs(bucket):
   from sjmae_jax.models.vit import VisionTransformer
   from sjmae_jax.tokenizers import tokenizer
-  teacher_kwargs = dict(architecture="vit", img_size=8, patch_size=4, in_chans=3, embed_dim=16,
-                        depth=1, num_heads=2)
-  kwargs = {k: v for k, v in teacher_kwargs.items() if k != "architecture"}
-  params = VisionTransformer(**kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))["params"]
+  teacher_kwargs = dict(img_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=1, num_heads=2)
+  params = VisionTransformer(**teacher_kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))["params"]
   codebook = np.arange(5 * 16, dtype=np.float32).reshape(5, 16)
   path = bucket / "tokenizers" / "k5.npy"
   tokenizer.save_tokenizer(path, codebook, teacher_kwargs, params,

@@ -107,11 +107,11 @@ def np_fgcr_consistency(cls_views, offdiag):
   """The original loop: per view, standardise over the batch (unbiased std), correlate with the
   standardised mean over views."""
   k, n, d = cls_views.shape
-  standardise = lambda z: (z - z.mean(0)) / z.std(0, ddof=1)
-  anchor = standardise(cls_views.mean(0))
+  standardize = lambda z: (z - z.mean(0)) / z.std(0, ddof=1)
+  anchor = standardize(cls_views.mean(0))
   total = 0.0
   for z in cls_views:
-    c = standardise(z).T @ anchor / n
+    c = standardize(z).T @ anchor / n
     on = ((np.diag(c) - 1) ** 2).sum()
     off = ((c - offdiag) ** 2)[~np.eye(d, dtype=bool)].sum()
     total += on + 0.005 * off
@@ -134,8 +134,8 @@ def test_consistency_term_matches_the_original_and_stops_gradient_at_the_mean(of
 def cross_view_consistency_with_anchor(cls_views, anchor, offdiag):
   """The term with the mean over views given as a constant."""
   n, d = cls_views.shape[1:]
-  standardise = lambda z: (z - z.mean(-2, keepdims=True)) / z.std(-2, ddof=1, keepdims=True)
-  c = jnp.einsum("knd,ne->kde", standardise(cls_views), standardise(anchor)) / n
+  standardize = lambda z: (z - z.mean(-2, keepdims=True)) / z.std(-2, ddof=1, keepdims=True)
+  c = jnp.einsum("knd,ne->kde", standardize(cls_views), standardize(anchor)) / n
   eye = jnp.eye(d)
   return jnp.mean(jnp.sum((c - 1) ** 2 * eye + 0.005 * (c - offdiag) ** 2 * (1 - eye), axis=(1, 2)))
 

@@ -191,11 +191,13 @@ def test_take_tokens_gradient_is_a_gather_equal_to_the_scatter(kept):
   assert "scatter-add" in str(jax.make_jaxpr(expected_pullback)(cotangent))
 
 
-def test_patch_embedding_of_the_kept_patches_only():
-  embed = vit.PatchEmbed(4, 32, 3)
+@pytest.mark.parametrize("bias", [True, False])  # False: CLIP towers' patch projection
+def test_patch_embedding_of_the_kept_patches_only(bias):
+  embed = vit.PatchEmbed(4, 32, 3, bias=bias)
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   keep = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), axis=1)[:, :4]
   params = embed.init(jax.random.PRNGKey(2), images)
+  assert set(params["params"]["proj"]) == ({"kernel", "bias"} if bias else {"kernel"})
   np.testing.assert_array_equal(  # the same parameters from the same rng, either way
       embed.init(jax.random.PRNGKey(2), images, keep_ids=keep)["params"]["proj"]["kernel"],
       params["params"]["proj"]["kernel"])

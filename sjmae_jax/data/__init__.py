@@ -13,6 +13,6 @@ from sjmae_jax.data.pipeline import (EvalPipeline, TrainPipeline, build_eval_pip
 from sjmae_jax.data.sources import DataError, DatasetInfo
 
 __all__ = [
-    'DataError', 'DatasetInfo', 'EvalPipeline', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TrainPipeline',
-    'build_eval_pipeline', 'build_train_pipeline', 'dataset_info', 'default_config',
+    "DataError", "DatasetInfo", "EvalPipeline", "IMAGENET_MEAN", "IMAGENET_STD", "TrainPipeline",
+    "build_eval_pipeline", "build_train_pipeline", "dataset_info", "default_config",
 ]

@@ -35,7 +35,7 @@ U_SOLARIZE_GATE = 35
 NUM_BASE_UNIFORMS = 36
 # Fine-tuning recipes (randaugment.py, random_erasing.py) read a second block.
 RA_MAX_LAYERS = 4
-U_RA_OP = 36  # RandAugment: RA_MAX_LAYERS columns each, one per layer
+U_RA_OP = NUM_BASE_UNIFORMS  # RandAugment: RA_MAX_LAYERS columns each, one per layer
 U_RA_GATE = 40
 U_RA_MAGNITUDE = 44
 U_RA_SIGN = 48
@@ -49,7 +49,7 @@ NUM_UNIFORMS = 76
 # Crop spec columns: rows (y) then columns (x).
 CROP_SPEC_SIZE = 8
 
-_RESAMPLE = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def generator(*key):
@@ -68,7 +68,7 @@ def draw_uniforms(key, shape):
 def decode_image(data):
   """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3] (gray replicated, alpha dropped)."""
   with Image.open(io.BytesIO(data)) as image:
-    return np.asarray(image.convert('RGB'))
+    return np.asarray(image.convert("RGB"))
 
 
 def rrc_boxes(u, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -122,7 +122,7 @@ def center_offset(resized, size):
 def crop_specs(u, height, width, recipe, size, crop_fraction):
   """CropSpec rows (..., 8) float32 of one recipe; `u` (..., NUM_UNIFORMS), H and W ints."""
   batch_shape = np.shape(u)[:-1]
-  if recipe.crop == 'center':
+  if recipe.crop == "center":
     new_h, new_w = eval_resize_size(height, width, size, crop_fraction)
     row = [0, height, new_h, center_offset(new_h, size),
            0, width, new_w, center_offset(new_w, size)]

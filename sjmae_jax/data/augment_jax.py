@@ -23,7 +23,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes for pixel resampli
 
 def _kernel(x, interpolation):
   x = jnp.abs(x)
-  if interpolation == 'bilinear':
+  if interpolation == "bilinear":
     return jnp.maximum(0.0, 1.0 - x)
   a = -0.5  # Keys cubic, as PIL and tf.image.resize
   near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
@@ -55,8 +55,8 @@ def crop_resize(images, crop_spec, size, interpolation):
   rows = resample_matrix(*(crop_spec[:, i] for i in range(4)), height, size, interpolation)
   cols = resample_matrix(*(crop_spec[:, i] for i in range(4, 8)), width, size, interpolation)
   images = images.astype(jnp.float32) / 255.0
-  resized = jnp.einsum('nih,nhwc->niwc', rows, images, precision=_HIGHEST)
-  resized = jnp.einsum('njw,niwc->nijc', cols, resized, precision=_HIGHEST)
+  resized = jnp.einsum("nih,nhwc->niwc", rows, images, precision=_HIGHEST)
+  resized = jnp.einsum("njw,niwc->nijc", cols, resized, precision=_HIGHEST)
   return jnp.clip(resized, 0.0, 1.0)  # bicubic overshoots; PIL clips to the uint8 range
 
 
@@ -174,9 +174,9 @@ def gaussian_blur(images, sigma, max_sigma):
   offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   kernel = jnp.exp(-0.5 * jnp.square(offsets[None, :] / sigma[:, None]))
   kernel = kernel / jnp.sum(kernel, axis=-1, keepdims=True)  # (N, 2 radius + 1)
-  matrix = jnp.einsum('nk,ikj->nij', kernel, _reflect_one_hot(size, radius), precision=_HIGHEST)
-  blurred = jnp.einsum('nih,nhwc->niwc', matrix, images, precision=_HIGHEST)
-  return jnp.einsum('njw,niwc->nijc', matrix, blurred, precision=_HIGHEST)
+  matrix = jnp.einsum("nk,ikj->nij", kernel, _reflect_one_hot(size, radius), precision=_HIGHEST)
+  blurred = jnp.einsum("nih,nhwc->niwc", matrix, images, precision=_HIGHEST)
+  return jnp.einsum("njw,niwc->nijc", matrix, blurred, precision=_HIGHEST)
 
 
 def solarize(images, threshold):
@@ -225,43 +225,43 @@ def finish_views(batch, recipes, size, normalization):
   for members in groups.values():
     recipe = recipes[members[0]]
     members_array = np.asarray(members)
-    uniforms = batch['uniforms'][:, members_array]  # (B, M, U)
+    uniforms = batch["uniforms"][:, members_array]  # (B, M, U)
     batch_size = uniforms.shape[0]
-    if 'raw' in batch:
-      raw = jnp.repeat(batch['raw'][:, None], len(members), axis=1)
-      raw = raw.reshape(-1, *batch['raw'].shape[1:])
-      crop_spec = batch['crop_spec'][:, members_array].reshape(-1, spec.CROP_SPEC_SIZE)
+    if "raw" in batch:
+      raw = jnp.repeat(batch["raw"][:, None], len(members), axis=1)
+      raw = raw.reshape(-1, *batch["raw"].shape[1:])
+      crop_spec = batch["crop_spec"][:, members_array].reshape(-1, spec.CROP_SPEC_SIZE)
       images = crop_resize(raw, crop_spec, size, recipe.interpolation)
     else:
-      images = batch['crops'][:, members_array].reshape(-1, size, size, 3)
+      images = batch["crops"][:, members_array].reshape(-1, size, size, 3)
       images = images.astype(jnp.float32) / 255.0
     flat_uniforms = uniforms.reshape(-1, spec.NUM_UNIFORMS)
     images = photometric(images, flat_uniforms, recipe)
-    if recipe.get('randaugment'):
+    if recipe.get("randaugment"):
       fill = normalization[0] if normalization is not None else (0.5, 0.5, 0.5)
       images = randaugment.rand_augment(images, flat_uniforms,
                                         randaugment.parse(recipe.randaugment), fill,
                                         recipe.interpolation)
     if normalization is not None:
       images = normalize(images, *normalization)
-    if recipe.get('random_erase_prob', 0.0) > 0:
+    if recipe.get("random_erase_prob", 0.0) > 0:
       images = random_erasing.random_erase(images, flat_uniforms, recipe.random_erase_prob)
     images = images.reshape(batch_size, len(members), size, size, 3)
     for position, view in enumerate(members):
       views[view] = images[:, position]
-  finished = {'images': jnp.stack(views, axis=1), 'label': batch['label']}
-  if 'valid' in batch:
-    finished['valid'] = batch['valid']
+  finished = {"images": jnp.stack(views, axis=1), "label": batch["label"]}
+  if "valid" in batch:
+    finished["valid"] = batch["valid"]
   return finished
 
 
 def make_finish_fn(recipes, size, normalization):
   """A pure function pre-batch -> batch (jit it; recipes and sizes are baked in)."""
   for recipe in recipes:  # fail on bad fine-tuning options now, not at the first batch
-    if recipe.get('randaugment'):
+    if recipe.get("randaugment"):
       randaugment.parse(recipe.randaugment)
-    if not 0.0 <= recipe.get('random_erase_prob', 0.0) <= 1.0:
-      raise DataError(f'data recipe random_erase_prob={recipe.random_erase_prob!r} is not a '
-                      'probability')
+    if not 0.0 <= recipe.get("random_erase_prob", 0.0) <= 1.0:
+      raise DataError(f"data recipe random_erase_prob={recipe.random_erase_prob!r} is not a "
+                      "probability")
   return functools.partial(finish_views, recipes=tuple(recipes), size=size,
                            normalization=normalization)

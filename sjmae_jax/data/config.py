@@ -10,17 +10,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_tfds_dir():
-  return os.environ.get('SJMAE_TFDS_DIR') or os.path.expanduser('~/tensorflow_datasets')
+  return os.environ.get("SJMAE_TFDS_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def _recipe(**overrides):
   """One augmentation recipe. Every recipe has every key so that any can be overridden."""
   recipe = dict(
       # 'random_resized_crop' (train) or 'center' (resize + center crop, the eval recipe).
-      crop='random_resized_crop',
+      crop="random_resized_crop",
       rrc_scale=(0.2, 1.0),  # fraction of the image area
       rrc_ratio=(3.0 / 4.0, 4.0 / 3.0),  # width / height, sampled log-uniformly
-      interpolation='bicubic',  # 'bicubic' | 'bilinear'
+      interpolation="bicubic",  # 'bicubic' | 'bilinear'
       flip_prob=0.5,
       jitter_prob=0.0,  # probability of applying colour jitter at all
       brightness=0.4,
@@ -34,7 +34,7 @@ def _recipe(**overrides):
       solarize_threshold=0.5,  # on the [0, 1] scale (128 / 255 ~ 0.5)
       # Fine-tuning options (timm semantics): RandAugment config string, '' = off (see
       # randaugment.py), and the probability of random erasing, 'pixel' mode (random_erasing.py).
-      randaugment='',
+      randaugment="",
       random_erase_prob=0.0,
   )
   recipe.update(overrides)
@@ -48,31 +48,31 @@ def default_config():
   """The `data` section of an experiment config (an ml_collections.ConfigDict)."""
   cfg = ml_collections.ConfigDict()
   # 'digits' (embedded, offline), 'tfds:NAME[:VERSION]' or 'folder:PATH' (ImageFolder layout).
-  cfg.source = 'digits'
-  cfg.train_split = 'train'
-  cfg.eval_split = 'test'
+  cfg.source = "digits"
+  cfg.train_split = "train"
+  cfg.eval_split = "test"
   cfg.data_dir = default_tfds_dir()  # TFDS data_dir; also holds digits and the folder caches
   cfg.download = False  # allow TFDS download_and_prepare of datasets not yet prepared
-  cfg.image_key = 'image'  # TFDS feature names
-  cfg.label_key = 'label'
+  cfg.image_key = "image"  # TFDS feature names
+  cfg.label_key = "label"
 
   cfg.img_size = 16
-  cfg.views = ['mae']  # one recipe name per view; a batch carries len(views) views per image
+  cfg.views = ["mae"]  # one recipe name per view; a batch carries len(views) views per image
   cfg.recipes = ml_collections.ConfigDict(dict(
       mae=_recipe(),
       # SJ-MAE / CAN two-view recipe (SimCLR augmentations).
       simclr=_recipe(jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
-      eval=_recipe(crop='center', flip_prob=0.0),
+      eval=_recipe(crop="center", flip_prob=0.0),
       # MAE / timm supervised fine-tuning: RRC(0.08-1, bicubic) + flip + RandAugment + erasing.
-      finetune=_recipe(rrc_scale=(0.08, 1.0), randaugment='rand-m9-mstd0.5-inc1',
+      finetune=_recipe(rrc_scale=(0.08, 1.0), randaugment="rand-m9-mstd0.5-inc1",
                        random_erase_prob=0.25),
   ))
-  cfg.eval_recipe = 'eval'
+  cfg.eval_recipe = "eval"
   # Eval: resize the shorter side to img_size / eval_crop_fraction, then center crop img_size.
   cfg.eval_crop_fraction = 0.875
 
   # 'imagenet', 'none' (keep [0, 1]) or 'custom' (use mean / std below).
-  cfg.normalize = 'imagenet'
+  cfg.normalize = "imagenet"
   cfg.mean = IMAGENET_MEAN
   cfg.std = IMAGENET_STD
 
@@ -87,5 +87,5 @@ def default_config():
   # Compute the views (crop of cached images, colour ops, normalisation) inside the training
   # step on the accelerator instead of on the host CPU (see TrainPipeline.finish_batch):
   # True, False, or 'auto' = on when JAX's default backend is not the CPU.
-  cfg.augment_on_device = ml_collections.FieldReference('auto', field_type=object)
+  cfg.augment_on_device = ml_collections.FieldReference("auto", field_type=object)
   return cfg

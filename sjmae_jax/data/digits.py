@@ -7,9 +7,9 @@ train/test split that never changes.
 
 import numpy as np
 
-DIGITS_NAME = 'sjmae_digits'
-DIGITS_FILE = 'sjmae_digits_v1.npz'  # the prepared arrays, kept under data.data_dir
-SPLITS = ('train', 'test')
+DIGITS_NAME = "sjmae_digits"
+DIGITS_FILE = "sjmae_digits_v1.npz"  # the prepared arrays, kept under data.data_dir
+SPLITS = ("train", "test")
 _SPLIT_SEED = 0
 _TRAIN_FRACTION = 0.8
 
@@ -28,5 +28,5 @@ def digits_splits():
   """{'train': (images, labels), 'test': (images, labels)}: 1438 / 359 examples."""
   images, labels = digits_arrays()
   num_train = int(round(_TRAIN_FRACTION * len(images)))
-  return {'train': (images[:num_train], labels[:num_train]),
-          'test': (images[num_train:], labels[num_train:])}
+  return {"train": (images[:num_train], labels[:num_train]),
+          "test": (images[num_train:], labels[num_train:])}

@@ -73,10 +73,10 @@ def resolve_augment_on_device(value):
   'True' / 'False' as strings too (a config whose references were resolved keeps a str field)."""
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
-  if value == 'auto':
-    return jax.default_backend() != 'cpu'
-  if str(value).lower() in ('true', 'false'):
-    return str(value).lower() == 'true'
+  if value == "auto":
+    return jax.default_backend() != "cpu"
+  if str(value).lower() in ("true", "false"):
+    return str(value).lower() == "true"
   raise DataError(f"data.augment_on_device={value!r} (expected 'auto', True or False)")
 
 
@@ -85,55 +85,55 @@ def _resolve_processes(process_index, process_count, global_batch_size):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise DataError(f'process_index {process_index} out of range for process_count '
-                    f'{process_count}')
+    raise DataError(f"process_index {process_index} out of range for process_count "
+                    f"{process_count}")
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise DataError(f'global_batch_size {global_batch_size} is not a positive multiple of '
-                    f'process_count {process_count}')
+    raise DataError(f"global_batch_size {global_batch_size} is not a positive multiple of "
+                    f"process_count {process_count}")
   return process_index, process_count, global_batch_size // process_count
 
 
 def _view_recipes(cfg):
   views = cfg.views
   if isinstance(views, str):
-    views = [name.strip() for name in views.split(',') if name.strip()]
+    views = [name.strip() for name in views.split(",") if name.strip()]
   if not views:
-    raise DataError('data.views is empty (expected recipe names, e.g. [\'simclr\', \'simclr\'])')
+    raise DataError("data.views is empty (expected recipe names, e.g. ['simclr', 'simclr'])")
   return [_recipe(cfg, name) for name in views]
 
 
 def _recipe(cfg, name):
   if name not in cfg.recipes:
-    raise DataError(f'unknown recipe {name!r} in data.views / data.eval_recipe (recipes: '
-                    f'{", ".join(sorted(cfg.recipes.keys()))})')
+    raise DataError(f"unknown recipe {name!r} in data.views / data.eval_recipe (recipes: "
+                    f"{', '.join(sorted(cfg.recipes.keys()))})")
   recipe = cfg.recipes[name]
   missing = sorted(set(RECIPE_KEYS) - set(recipe.keys()))
   if missing:
-    raise DataError(f'data.recipes.{name} lacks {", ".join(missing)} (a recipe has every key of '
-                    'data.recipes.mae)')
-  if recipe.crop not in ('random_resized_crop', 'center'):
-    raise DataError(f'data.recipes.{name}.crop={recipe.crop!r} (expected '
+    raise DataError(f"data.recipes.{name} lacks {', '.join(missing)} (a recipe has every key of "
+                    "data.recipes.mae)")
+  if recipe.crop not in ("random_resized_crop", "center"):
+    raise DataError(f"data.recipes.{name}.crop={recipe.crop!r} (expected "
                     "'random_resized_crop' or 'center')")
-  if recipe.interpolation not in ('bicubic', 'bilinear'):
-    raise DataError(f'data.recipes.{name}.interpolation={recipe.interpolation!r} (expected '
+  if recipe.interpolation not in ("bicubic", "bilinear"):
+    raise DataError(f"data.recipes.{name}.interpolation={recipe.interpolation!r} (expected "
                     "'bicubic' or 'bilinear')")
   return recipe
 
 
 def _normalization(cfg):
-  if cfg.normalize == 'imagenet':
+  if cfg.normalize == "imagenet":
     return IMAGENET_MEAN, IMAGENET_STD
-  if cfg.normalize == 'custom':
+  if cfg.normalize == "custom":
     return tuple(cfg.mean), tuple(cfg.std)
-  if cfg.normalize == 'none':
+  if cfg.normalize == "none":
     return None
   raise DataError(f"data.normalize={cfg.normalize!r} (expected 'imagenet', 'custom' or 'none')")
 
 
 def _check_read_config(cfg):
   if cfg.num_threads < 0 or cfg.prefetch < 1:
-    raise DataError(f'data.num_threads={cfg.num_threads} / data.prefetch={cfg.prefetch} (expected '
-                    '>= 0 / >= 1)')
+    raise DataError(f"data.num_threads={cfg.num_threads} / data.prefetch={cfg.prefetch} (expected "
+                    ">= 0 / >= 1)")
 
 
 def _read_options(cfg, buffer_size):
@@ -179,13 +179,13 @@ class _PreBatcher:
 
   def array_pre_batch(self, split_data, indices, uniforms):
     raw = split_data.images[indices]
-    return {'raw': raw, 'crop_spec': self.batch_specs(raw.shape[1], raw.shape[2], uniforms),
-            'uniforms': uniforms, 'label': split_data.labels[indices].astype(np.int32)}
+    return {"raw": raw, "crop_spec": self.batch_specs(raw.shape[1], raw.shape[2], uniforms),
+            "uniforms": uniforms, "label": split_data.labels[indices].astype(np.int32)}
 
   def example(self, split_data, index, uniforms):
     image, label = split_data.read(index)
-    return {'crops': self.crops(image, uniforms), 'uniforms': uniforms,
-            'label': np.int32(label)}
+    return {"crops": self.crops(image, uniforms), "uniforms": uniforms,
+            "label": np.int32(label)}
 
 
 _jitted_finish_fns = {}
@@ -193,9 +193,9 @@ _jitted_finish_fns = {}
 
 def _jitted(finish_fn):
   """One jitted function per distinct (recipes, size, normalisation), so compiles are reused."""
-  recipes = finish_fn.keywords['recipes']
+  recipes = finish_fn.keywords["recipes"]
   key = (tuple(json.dumps(recipe.to_dict(), sort_keys=True) for recipe in recipes),
-         finish_fn.keywords['size'], finish_fn.keywords['normalization'])
+         finish_fn.keywords["size"], finish_fn.keywords["normalization"])
   if key not in _jitted_finish_fns:
     _jitted_finish_fns[key] = jax.jit(finish_fn)
   return _jitted_finish_fns[key]
@@ -204,7 +204,7 @@ def _jitted(finish_fn):
 def _finished_on_host(pre_batches, finish_fn):
   """Applies the jitted finishing step on the host CPU, dispatching one batch ahead."""
   try:  # local: in a multi-process run jax.devices('cpu')[0] belongs to process 0
-    host = jax.local_devices(backend='cpu')[0]
+    host = jax.local_devices(backend="cpu")[0]
   except RuntimeError:  # JAX_PLATFORMS excludes the CPU backend
     host = jax.local_devices()[0]
   finish = _jitted(finish_fn)
@@ -278,11 +278,11 @@ class TrainPipeline:
     self.num_examples = self.split_data.num_examples
     self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch == 0:
-      raise DataError(f'train split {cfg.train_split!r} of {cfg.source} has '
-                      f'{self.num_examples} examples, fewer than global_batch_size '
-                      f'{global_batch_size}')
+      raise DataError(f"train split {cfg.train_split!r} of {cfg.source} has "
+                      f"{self.num_examples} examples, fewer than global_batch_size "
+                      f"{global_batch_size}")
     if start_step < 0:
-      raise DataError(f'start_step must be >= 0, got {start_step}')
+      raise DataError(f"start_step must be >= 0, got {start_step}")
     _check_read_config(cfg)
     self._order = _TrainOrder(self.seed, self.num_examples, self.steps_per_epoch,
                               global_batch_size, self.local_batch_size, self.process_index,
@@ -313,16 +313,16 @@ class TrainPipeline:
     if isinstance(self.split_data, TfdsStreamSplit):
       return None
     per_step = 1 if _crops_in_batch(self.split_data) else self.local_batch_size
-    return {'next_index': int(step) * per_step}
+    return {"next_index": int(step) * per_step}
 
   def _identity(self):
     cfg = self._cfg
-    return {'seed': self.seed, 'global_batch_size': self.global_batch_size,
-            'source': cfg.source, 'split': cfg.train_split, 'num_examples': self.num_examples}
+    return {"seed": self.seed, "global_batch_size": self.global_batch_size,
+            "source": cfg.source, "split": cfg.train_split, "num_examples": self.num_examples}
 
   def checkpoint_state(self, step):
     """JSON-able input state at global step `step`, saved with that step's checkpoint."""
-    return {'step': int(step), **self._identity(), 'grain': self._grain_state(step)}
+    return {"step": int(step), **self._identity(), "grain": self._grain_state(step)}
 
   def restore(self, saved):
     """Positions the pipeline at a checkpoint's `checkpoint_state` (None: an older checkpoint
@@ -331,15 +331,15 @@ class TrainPipeline:
     if saved is None:
       return
     if self._iterator is not None:
-      raise RuntimeError('TrainPipeline.restore must come before the first batch')
+      raise RuntimeError("TrainPipeline.restore must come before the first batch")
     current = self._identity()
-    changed = [f'{key} {saved.get(key)!r} -> {value!r}' for key, value in current.items()
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items()
                if saved.get(key) != value]
     if changed:
-      log.warning('Resuming at step %d with other input settings than the checkpoint (%s): the '
-                  'data order from here differs from an uninterrupted run', saved['step'],
-                  '; '.join(changed))
-    self.step = int(saved['step'])
+      log.warning("Resuming at step %d with other input settings than the checkpoint (%s): the "
+                  "data order from here differs from an uninterrupted run", saved["step"],
+                  "; ".join(changed))
+    self.step = int(saved["step"])
 
   # -------------------------------------------------------------------------------------------
 
@@ -389,8 +389,8 @@ class TrainPipeline:
 def _stream_pre_batch(pool, pre_batcher, chunk, uniforms):
   crops = pool.map(lambda row: pre_batcher.crops(augment_host.decode_image(chunk[row][0]),
                                                  uniforms[row]), range(len(chunk)))
-  return {'crops': np.stack(list(crops)), 'uniforms': uniforms,
-          'label': np.asarray([label for _, label in chunk], np.int32)}
+  return {"crops": np.stack(list(crops)), "uniforms": uniforms,
+          "label": np.asarray([label for _, label in chunk], np.int32)}
 
 
 class EvalPipeline:
@@ -481,9 +481,9 @@ class EvalPipeline:
         labels = np.zeros(local_batch, np.int32)
         if chunk:
           pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)])
-          crops[:len(chunk)], labels[:len(chunk)] = pre_batch['crops'], pre_batch['label']
-        yield {'crops': crops, 'uniforms': uniforms, 'label': labels,
-               'valid': np.arange(local_batch) < len(chunk)}
+          crops[:len(chunk)], labels[:len(chunk)] = pre_batch["crops"], pre_batch["label"]
+        yield {"crops": crops, "uniforms": uniforms, "label": labels,
+               "valid": np.arange(local_batch) < len(chunk)}
 
 
 def build_train_pipeline(cfg, global_batch_size, seed, start_step=0, process_index=None,
@@ -494,5 +494,5 @@ def build_train_pipeline(cfg, global_batch_size, seed, start_step=0, process_ind
 def build_eval_pipeline(cfg, split=None, global_batch_size=None, process_index=None,
                         process_count=None):
   if global_batch_size is None:
-    raise DataError('build_eval_pipeline needs global_batch_size')
+    raise DataError("build_eval_pipeline needs global_batch_size")
   return EvalPipeline(cfg, split, global_batch_size, process_index, process_count)

@@ -31,14 +31,14 @@ from sjmae_jax.data.sources import DataError
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full op strength
 
 # timm's _RAND_TRANSFORMS and _RAND_INCREASING_TRANSFORMS, in timm's order.
-OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-       'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
-       'TranslateYRel')
-OPS_INCREASING = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-                  'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-                  'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-                  'TranslateXRel', 'TranslateYRel')
-GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+       "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+       "TranslateYRel")
+OPS_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                  "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                  "TranslateXRel", "TranslateYRel")
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 TRANSLATE_PCT = 0.45  # timm's default translate_pct for the *Rel ops
 
 
@@ -59,28 +59,28 @@ class RandAugmentConfig:
 def parse(config_str: str) -> RandAugmentConfig:
   """timm's RandAugment string ('rand-m9-n2-mstd0.5-mmax10-p0.5-inc1') -> RandAugmentConfig."""
   def fail(why):
-    raise DataError(f'data recipe randaugment={config_str!r}: {why} (expected timm\'s format, '
+    raise DataError(f"data recipe randaugment={config_str!r}: {why} (expected timm's format, "
                     "e.g. 'rand-m9-mstd0.5-inc1', or '' for off)")
 
-  sections = config_str.split('-')
-  if sections[0] != 'rand':
+  sections = config_str.split("-")
+  if sections[0] != "rand":
     fail("must start with 'rand'")
   values = {}
   for section in sections[1:]:
-    match = re.fullmatch(r'(mstd|mmax|inc|m|n|p)(\d+(?:\.\d*)?)', section)
+    match = re.fullmatch(r"(mstd|mmax|inc|m|n|p)(\d+(?:\.\d*)?)", section)
     if not match:
-      fail(f'unknown section {section!r} (known: m, n, p, mstd, mmax, inc)')
+      fail(f"unknown section {section!r} (known: m, n, p, mstd, mmax, inc)")
     values[match.group(1)] = float(match.group(2))
-  mstd = values.get('mstd', 0.0)
+  mstd = values.get("mstd", 0.0)
   config = RandAugmentConfig(
-      num_layers=int(values.get('n', 2)), magnitude=values.get('m', LEVEL_DENOM),
+      num_layers=int(values.get("n", 2)), magnitude=values.get("m", LEVEL_DENOM),
       magnitude_std=math.inf if mstd > 100 else mstd,
-      magnitude_max=values.get('mmax', LEVEL_DENOM), prob=values.get('p', 0.5),
-      increasing=bool(int(values.get('inc', 0))))
+      magnitude_max=values.get("mmax", LEVEL_DENOM), prob=values.get("p", 0.5),
+      increasing=bool(int(values.get("inc", 0))))
   if not 1 <= config.num_layers <= spec.RA_MAX_LAYERS:
-    fail(f'n={config.num_layers} layers; 1 to {spec.RA_MAX_LAYERS} supported')
+    fail(f"n={config.num_layers} layers; 1 to {spec.RA_MAX_LAYERS} supported")
   if not 0.0 <= config.prob <= 1.0:
-    fail(f'p={config.prob} is not a probability')
+    fail(f"p={config.prob} is not a probability")
   return config
 
 
@@ -212,14 +212,14 @@ def affine(x, matrix, fill, interpolation):
   """
   n, h, w, _ = x.shape
   rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
-                            jnp.arange(w, dtype=jnp.float32) + 0.5, indexing='ij')
+                            jnp.arange(w, dtype=jnp.float32) + 0.5, indexing="ij")
   a, b, c, d, e, f = (matrix[:, i, None, None] for i in range(6))
   x_in = a * cols + b * rows + c
   y_in = d * cols + e * rows + f
   inside = (x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)
   x_in, y_in = x_in - 0.5, y_in - 0.5
   x0, y0 = jnp.floor(x_in), jnp.floor(y_in)
-  offsets = jnp.arange(-1, 3) if interpolation == 'bicubic' else jnp.arange(0, 2)
+  offsets = jnp.arange(-1, 3) if interpolation == "bicubic" else jnp.arange(0, 2)
   x_index = jnp.clip(x0[..., None].astype(jnp.int32) + offsets, 0, w - 1)  # (N, H, W, T)
   y_index = jnp.clip(y0[..., None].astype(jnp.int32) + offsets, 0, h - 1)
   flat_index = (y_index[..., :, None] * w + x_index[..., None, :]).reshape(n, -1)  # (N, HWTT)
@@ -253,18 +253,18 @@ def level_arguments(magnitude, negate, size):
   enhance_increasing = jnp.maximum(0.1, 1.0 + sign * level * 0.9)
   solarize_level = jnp.minimum(256.0, jnp.floor(level * 256.0))
   return {
-      'Rotate': sign * level * 30.0,
-      'Posterize': jnp.floor(level * 4.0),
-      'PosterizeIncreasing': 4.0 - jnp.floor(level * 4.0),
-      'Solarize': solarize_level,
-      'SolarizeIncreasing': 256.0 - solarize_level,
-      'SolarizeAdd': jnp.minimum(128.0, jnp.floor(level * 110.0)),
-      'Color': enhance, 'Contrast': enhance, 'Brightness': enhance, 'Sharpness': enhance,
-      'ColorIncreasing': enhance_increasing, 'ContrastIncreasing': enhance_increasing,
-      'BrightnessIncreasing': enhance_increasing, 'SharpnessIncreasing': enhance_increasing,
-      'ShearX': sign * level * 0.3, 'ShearY': sign * level * 0.3,
-      'TranslateXRel': sign * level * TRANSLATE_PCT * width,  # in pixels
-      'TranslateYRel': sign * level * TRANSLATE_PCT * height,
+      "Rotate": sign * level * 30.0,
+      "Posterize": jnp.floor(level * 4.0),
+      "PosterizeIncreasing": 4.0 - jnp.floor(level * 4.0),
+      "Solarize": solarize_level,
+      "SolarizeIncreasing": 256.0 - solarize_level,
+      "SolarizeAdd": jnp.minimum(128.0, jnp.floor(level * 110.0)),
+      "Color": enhance, "Contrast": enhance, "Brightness": enhance, "Sharpness": enhance,
+      "ColorIncreasing": enhance_increasing, "ContrastIncreasing": enhance_increasing,
+      "BrightnessIncreasing": enhance_increasing, "SharpnessIncreasing": enhance_increasing,
+      "ShearX": sign * level * 0.3, "ShearY": sign * level * 0.3,
+      "TranslateXRel": sign * level * TRANSLATE_PCT * width,  # in pixels
+      "TranslateYRel": sign * level * TRANSLATE_PCT * height,
   }
 
 
@@ -272,11 +272,11 @@ def _geometric_matrix(op_index, ops, args, size):
   """(N, 6) affine matrix of each image's geometric op (identity for the other ops)."""
   ones, zeros = jnp.ones_like(op_index, jnp.float32), jnp.zeros_like(op_index, jnp.float32)
   matrices = {
-      'Rotate': rotate_matrix(args['Rotate'], *size),
-      'ShearX': jnp.stack([ones, args['ShearX'], zeros, zeros, ones, zeros], -1),
-      'ShearY': jnp.stack([ones, zeros, zeros, args['ShearY'], ones, zeros], -1),
-      'TranslateXRel': jnp.stack([ones, zeros, args['TranslateXRel'], zeros, ones, zeros], -1),
-      'TranslateYRel': jnp.stack([ones, zeros, zeros, zeros, ones, args['TranslateYRel']], -1),
+      "Rotate": rotate_matrix(args["Rotate"], *size),
+      "ShearX": jnp.stack([ones, args["ShearX"], zeros, zeros, ones, zeros], -1),
+      "ShearY": jnp.stack([ones, zeros, zeros, args["ShearY"], ones, zeros], -1),
+      "TranslateXRel": jnp.stack([ones, zeros, args["TranslateXRel"], zeros, ones, zeros], -1),
+      "TranslateYRel": jnp.stack([ones, zeros, zeros, zeros, ones, args["TranslateYRel"]], -1),
   }
   identity = jnp.stack([ones, zeros, zeros, zeros, ones, zeros], -1)
   return jnp.select([(op_index == ops.index(name))[:, None] for name in GEOMETRIC_OPS],
@@ -288,25 +288,20 @@ def apply_op(x, op_index, magnitude, negate, ops, fill, interpolation):
   size = x.shape[1:3]
   args = level_arguments(magnitude, negate, size)
   warped = affine(x, _geometric_matrix(op_index, ops, args, size), fill, interpolation)
-  results = {
-      'AutoContrast': lambda: auto_contrast(x),
-      'Equalize': lambda: equalize(x),
-      'Invert': lambda: invert(x),
-      'Posterize': lambda: posterize(x, args['Posterize']),
-      'PosterizeIncreasing': lambda: posterize(x, args['PosterizeIncreasing']),
-      'Solarize': lambda: solarize(x, args['Solarize']),
-      'SolarizeIncreasing': lambda: solarize(x, args['SolarizeIncreasing']),
-      'SolarizeAdd': lambda: solarize_add(x, args['SolarizeAdd']),
-      'Color': lambda: color(x, args['Color']),
-      'ColorIncreasing': lambda: color(x, args['ColorIncreasing']),
-      'Contrast': lambda: contrast(x, args['Contrast']),
-      'ContrastIncreasing': lambda: contrast(x, args['ContrastIncreasing']),
-      'Brightness': lambda: brightness(x, args['Brightness']),
-      'BrightnessIncreasing': lambda: brightness(x, args['BrightnessIncreasing']),
-      'Sharpness': lambda: sharpness(x, args['Sharpness']),
-      'SharpnessIncreasing': lambda: sharpness(x, args['SharpnessIncreasing']),
-  }
-  outputs = [warped if name in GEOMETRIC_OPS else results[name]() for name in ops]
+  # timm's ops by name; an "...Increasing" op is its base op at a level that rises with magnitude
+  without_level = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert}
+  with_level = {"Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add,
+                "Color": color, "Contrast": contrast, "Brightness": brightness,
+                "Sharpness": sharpness}
+
+  def output(name):
+    if name in GEOMETRIC_OPS:
+      return warped
+    if name in without_level:
+      return without_level[name](x)
+    return with_level[name.removesuffix("Increasing")](x, args[name])
+
+  outputs = [output(name) for name in ops]
   return jnp.select([_per_image(op_index == i) for i in range(len(ops))], outputs, x)
 
 
@@ -322,7 +317,7 @@ def sample_magnitude(u, config):
   return jnp.clip(magnitude, 0.0, config.magnitude_max)
 
 
-def rand_augment(images, u, config: RandAugmentConfig, fill, interpolation='bicubic'):
+def rand_augment(images, u, config: RandAugmentConfig, fill, interpolation="bicubic"):
   """float32 views (N, H, W, 3) in [0, 1], uniforms (N, NUM_UNIFORMS) -> augmented views.
 
   `fill`: RGB in [0, 1] for pixels that geometric ops bring in from outside the image.

@@ -30,8 +30,8 @@ from sjmae_jax.data.augment_host import decode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-TF_EXTRA = 'pip install -r requirements-tf.txt (or sjmae-jax[tf])'
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TF_EXTRA = "pip install -r requirements-tf.txt (or sjmae-jax[tf])"
 
 
 class DataError(ValueError):
@@ -63,7 +63,7 @@ class FileSplit:
   def read(self, index):
     image, error = _decode_file(self.files[index])
     if error is not None:
-      raise DataError(f'cannot decode image {self.files[index]}: {error}')
+      raise DataError(f"cannot decode image {self.files[index]}: {error}")
     return image, int(self.labels[index])
 
 
@@ -83,8 +83,8 @@ class RecordSplit:
     try:
       image = decode_image(example[self.image_key])
     except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
-      raise DataError(f'{self.description}: cannot decode the image of example {index}: '
-                      f'{_first_line(error)}') from None
+      raise DataError(f"{self.description}: cannot decode the image of example {index}: "
+                      f"{_first_line(error)}") from None
     return image, int(example[self.label_key])
 
 
@@ -113,19 +113,19 @@ class DatasetInfo:
 
 def _first_line(error):
   text = str(error)
-  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Split expressions for folders ('train', 'train[:80%]', 'train[100:]', 'train+test').
 
-_SLICE_RE = re.compile(r'^(?P<name>[^\[\]+]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$')
+_SLICE_RE = re.compile(r"^(?P<name>[^\[\]+]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
 
 
 def _boundary(text, size, default):
-  if text == '':
+  if text == "":
     return default
-  if text.endswith('%'):
+  if text.endswith("%"):
     value = int(round(size * int(text[:-1]) / 100.0))
   else:
     value = int(text)
@@ -137,12 +137,12 @@ def _boundary(text, size, default):
 def parse_split(expression):
   """'train[:80%]+test' -> [('train', ':80%' parts)] as (name, start_text, stop_text)."""
   parts = []
-  for part in expression.replace(' ', '').split('+'):
+  for part in expression.replace(" ", "").split("+"):
     match = _SLICE_RE.match(part)
     if not match:
-      raise DataError(f'cannot parse split expression {expression!r} '
+      raise DataError(f"cannot parse split expression {expression!r} "
                       "(expected e.g. 'train', 'train[:80%]', 'train[1000:]', 'train+test')")
-    parts.append((match['name'], match['start'] or '', match['stop'] or ''))
+    parts.append((match["name"], match["start"] or "", match["stop"] or ""))
   return parts
 
 
@@ -165,14 +165,14 @@ _array_cache_lock = threading.Lock()
 class DigitsSource:
   """scikit-learn digits (1797 images, 8x8, 10 classes), fixed 80/20 train/test split."""
 
-  description = 'digits'
+  description = "digits"
   num_classes = 10
   class_names = [str(digit) for digit in range(10)]
 
   def __init__(self, cfg):
     data_dir = epath.Path(cfg.data_dir).expanduser()
     self.path = data_dir / digits.DIGITS_FILE
-    key = ('digits', os.fspath(self.path))
+    key = ("digits", os.fspath(self.path))
     with _array_cache_lock:
       if key not in _array_cache:
         _array_cache[key] = self._prepare(data_dir)
@@ -182,25 +182,25 @@ class DigitsSource:
     if not self.path.exists():
       with _preparing(os.fspath(data_dir), digits.DIGITS_NAME):
         if not self.path.exists():
-          log.info('Preparing the embedded digits dataset in %s', self.path)
+          log.info("Preparing the embedded digits dataset in %s", self.path)
           try:
             splits = digits.digits_splits()
           except ImportError as error:
-            raise DataError(f'preparing the digits dataset needs scikit-learn ({error}): pip '
-                            f'install scikit-learn, or copy {digits.DIGITS_FILE} prepared by '
-                            f'another run into data.data_dir ({data_dir})') from None
+            raise DataError(f"preparing the digits dataset needs scikit-learn ({error}): pip "
+                            f"install scikit-learn, or copy {digits.DIGITS_FILE} prepared by "
+                            f"another run into data.data_dir ({data_dir})") from None
           data_dir.mkdir(parents=True, exist_ok=True)
-          arrays = {f'{split}_{kind}': array for split, pair in splits.items()
-                    for kind, array in zip(('images', 'labels'), pair)}
+          arrays = {f"{split}_{kind}": array for split, pair in splits.items()
+                    for kind, array in zip(("images", "labels"), pair)}
           _atomic_write(self.path, lambda f: np.savez(f, **arrays))
-    with self.path.open('rb') as f, np.load(f) as stored:
-      return {split: ArraySplit(stored[f'{split}_images'],
-                                stored[f'{split}_labels'].astype(np.int32))
+    with self.path.open("rb") as f, np.load(f) as stored:
+      return {split: ArraySplit(stored[f"{split}_images"],
+                                stored[f"{split}_labels"].astype(np.int32))
               for split in digits.SPLITS}
 
   def _named(self, name):
     if name not in self.splits:
-      raise DataError(f'digits: bad split {name!r} (splits: {", ".join(digits.SPLITS)})')
+      raise DataError(f"digits: bad split {name!r} (splits: {', '.join(digits.SPLITS)})")
     return self.splits[name]
 
   def num_examples(self, split):
@@ -213,7 +213,7 @@ class DigitsSource:
     parts = [(self._named(name), start, stop)
              for name, start, stop in slice_indices(split, sizes)]
     if sum(stop - start for _, start, stop in parts) == 0:
-      raise DataError(f'split {split!r} of digits has no images')
+      raise DataError(f"split {split!r} of digits has no images")
     return ArraySplit(np.concatenate([part.images[start:stop] for part, start, stop in parts]),
                       np.concatenate([part.labels[start:stop] for part, start, stop in parts]))
 
@@ -227,8 +227,8 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as error:
-    raise DataError(f'TFDS sources need tensorflow-datasets ({_first_line(error)}): '
-                    'pip install tensorflow-datasets array-record') from None
+    raise DataError(f"TFDS sources need tensorflow-datasets ({_first_line(error)}): "
+                    "pip install tensorflow-datasets array-record") from None
   return tfds
 
 
@@ -247,7 +247,7 @@ class TfdsSource:
 
   def __init__(self, cfg, builder, name):
     tfds = _import_tfds()
-    self.description = f'TFDS dataset {name!r}'
+    self.description = f"TFDS dataset {name!r}"
     self.name = name
     self.builder = builder
     self.image_key = cfg.image_key
@@ -255,15 +255,15 @@ class TfdsSource:
     features = builder.info.features
     for key in (self.image_key, self.label_key):
       if key not in features:
-        raise DataError(f'{self.description} has no feature {key!r} (features: '
-                        f'{", ".join(sorted(features.keys()))}); set data.image_key/label_key')
+        raise DataError(f"{self.description} has no feature {key!r} (features: "
+                        f"{', '.join(sorted(features.keys()))}); set data.image_key/label_key")
     label_feature = features[self.label_key]
     if not isinstance(label_feature, tfds.features.ClassLabel):
-      raise DataError(f'{self.description}: feature {self.label_key!r} is not a class label '
-                      f'({type(label_feature).__name__}); set data.label_key')
+      raise DataError(f"{self.description}: feature {self.label_key!r} is not a class label "
+                      f"({type(label_feature).__name__}); set data.label_key")
     if not isinstance(features[self.image_key], tfds.features.Image):
-      raise DataError(f'{self.description}: feature {self.image_key!r} is not an image '
-                      f'({type(features[self.image_key]).__name__}); set data.image_key')
+      raise DataError(f"{self.description}: feature {self.image_key!r} is not an image "
+                      f"({type(features[self.image_key]).__name__}); set data.image_key")
     self.num_classes = int(label_feature.num_classes)
     self.class_names = list(label_feature.names)
     self.image_shape = tuple(features[self.image_key].shape)
@@ -275,22 +275,22 @@ class TfdsSource:
     try:
       return int(self.builder.info.splits[split].num_examples)
     except (KeyError, ValueError, AssertionError) as error:
-      available = ', '.join(sorted(self.builder.info.splits.keys()))
-      raise DataError(f'{self.description}: bad split {split!r} (splits: {available}): '
-                      f'{str(error).splitlines()[0] if str(error) else ""}') from None
+      available = ", ".join(sorted(self.builder.info.splits.keys()))
+      raise DataError(f"{self.description}: bad split {split!r} (splits: {available}): "
+                      f"{str(error).splitlines()[0] if str(error) else ''}") from None
 
   def load(self, split, cache):
     num_examples = self.num_examples(split)
     if num_examples == 0:
-      raise DataError(f'{self.description}: split {split!r} has no examples')
+      raise DataError(f"{self.description}: split {split!r} has no examples")
     if not self.random_access:
       self._check_tensorflow()
     fixed_size = None not in self.image_shape
     if cache and fixed_size:
       cache_bytes = num_examples * int(np.prod(self.image_shape[:2])) * 3
       if cache_bytes > self.cache_max_bytes:
-        log.warning('%s split %r: %.1f GB decoded is over data.cache_max_gb; decoding it at '
-                    'every read', self.description, split, cache_bytes / 2**30)
+        log.warning("%s split %r: %.1f GB decoded is over data.cache_max_gb; decoding it at "
+                    "every read", self.description, split, cache_bytes / 2**30)
         cache = False
     if cache and fixed_size:
       key = (os.fspath(self.builder.data_dir), split, self.image_key, self.label_key)
@@ -307,9 +307,9 @@ class TfdsSource:
       import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       raise DataError(
-          f'{self.description} is stored as {self.file_format.value}, which needs TensorFlow to '
-          f'read: {TF_EXTRA}; or prepare it as ArrayRecord (tfds build {self.name} '
-          f'--file_format=array_record --data_dir={self.builder.data_dir_root})') from None
+          f"{self.description} is stored as {self.file_format.value}, which needs TensorFlow to "
+          f"read: {TF_EXTRA}; or prepare it as ArrayRecord (tfds build {self.name} "
+          f"--file_format=array_record --data_dir={self.builder.data_dir_root})") from None
 
   def _records(self, split):
     tfds = _import_tfds()
@@ -333,31 +333,31 @@ class TfdsSource:
 def _tfds_source(cfg, name):
   tfds = _import_tfds()
   data_dir = os.fspath(epath.Path(cfg.data_dir).expanduser())
-  description = f'TFDS dataset {name!r}'
+  description = f"TFDS dataset {name!r}"
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise DataError(f'unknown TFDS dataset {name!r} (data.source=tfds:{name}); '
-                    'see https://www.tensorflow.org/datasets/catalog') from None
+    raise DataError(f"unknown TFDS dataset {name!r} (data.source=tfds:{name}); "
+                    "see https://www.tensorflow.org/datasets/catalog") from None
   except ValueError as error:  # bad version / config name
-    raise DataError(f'{description}: {str(error).splitlines()[0]}') from None
+    raise DataError(f"{description}: {str(error).splitlines()[0]}") from None
   if not builder.is_prepared():
     if not cfg.download:
-      raise DataError(f'{description} is not prepared under {data_dir} (data.data_dir); '
-                      f'prepare it with `tfds build {name} --file_format=array_record` or set '
-                      'data.download=True')
+      raise DataError(f"{description} is not prepared under {data_dir} (data.data_dir); "
+                      f"prepare it with `tfds build {name} --file_format=array_record` or set "
+                      "data.download=True")
     with _preparing(data_dir, name):
       # Prepared as ArrayRecord, which Grain reads by index without TensorFlow.
-      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         try:
           builder.download_and_prepare()
         except Exception as error:  # pylint: disable=broad-except
           if not _needs_tensorflow(error):
             raise
-          raise DataError(f'preparing {description} needs TensorFlow: {TF_EXTRA}; or prepare '
-                          f'it where TensorFlow is installed (tfds build {name} '
-                          f'--file_format=array_record --data_dir={data_dir})') from None
+          raise DataError(f"preparing {description} needs TensorFlow: {TF_EXTRA}; or prepare "
+                          f"it where TensorFlow is installed (tfds build {name} "
+                          f"--file_format=array_record --data_dir={data_dir})") from None
   return TfdsSource(cfg, builder, name)
 
 
@@ -365,11 +365,11 @@ def _tfds_source(cfg, name):
 def _preparing(data_dir: str, name: str):
   """One process at a time prepares `name` in a local data_dir (the others wait, then find it
   prepared): TFDS's final rename fails for the second of two concurrent preparations."""
-  if '://' in data_dir:  # object stores: no flock; prepare them once beforehand
+  if "://" in data_dir:  # object stores: no flock; prepare them once beforehand
     yield
     return
   os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f'.{name}.prepare.lock'), 'w') as lock:
+  with open(os.path.join(data_dir, f".{name}.prepare.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield
@@ -383,7 +383,7 @@ def _preparing(data_dir: str, name: str):
 
 
 def _is_uri(path):
-  return '://' in os.fspath(path)
+  return "://" in os.fspath(path)
 
 
 def _absolute(path):
@@ -400,25 +400,25 @@ def _file_signature(path):
   """
   if _is_uri(path):
     stat = epath.Path(path).stat()
-    return f'{stat.length}\0{stat.mtime}'
+    return f"{stat.length}\0{stat.mtime}"
   stat = os.stat(path)
-  return f'{stat.st_size}\0{stat.st_mtime_ns}'
+  return f"{stat.st_size}\0{stat.st_mtime_ns}"
 
 
 class FolderSource:
 
   def __init__(self, cfg, root):
     self.root = _absolute(root)
-    self.description = f'image folder {self.root}'
+    self.description = f"image folder {self.root}"
     self.data_dir = epath.Path(cfg.data_dir).expanduser()
     self.skip_corrupt = bool(cfg.skip_corrupt)
     self.cache_max_bytes = cfg.cache_max_gb * 2**30
     if not self.root.is_dir():
-      raise DataError(f'image folder does not exist: {self.root} (data.source=folder:{root})')
+      raise DataError(f"image folder does not exist: {self.root} (data.source=folder:{root})")
     split_dirs = _subdirectories(self.root)
     if not split_dirs:
-      raise DataError(f'image folder {self.root} has no split folders '
-                      '(expected ROOT/<split>/<class>/<image>)')
+      raise DataError(f"image folder {self.root} has no split folders "
+                      "(expected ROOT/<split>/<class>/<image>)")
     self.split_names = split_dirs
     # Labels come from the sorted union of class folder names over all splits, so a class
     # means the same label in every split even when a split lacks some classes.
@@ -428,8 +428,8 @@ class FolderSource:
     self.class_names = sorted(class_names)
     self.num_classes = len(self.class_names)
     if not self.class_names:
-      raise DataError(f'image folder {self.root} has no class folders '
-                      '(expected ROOT/<split>/<class>/<image>)')
+      raise DataError(f"image folder {self.root} has no class folders "
+                      "(expected ROOT/<split>/<class>/<image>)")
     self._listing = {}
     self._prepared = {}
     self.skipped_files = {}  # split -> undecodable files skipped (data.skip_corrupt=True)
@@ -440,19 +440,19 @@ class FolderSource:
       return self._listing[split]
     split_dir = self.root / split
     if not split_dir.is_dir():
-      raise DataError(f'split folder does not exist: {split_dir} '
-                      f'(splits found: {", ".join(self.split_names)})')
+      raise DataError(f"split folder does not exist: {split_dir} "
+                      f"(splits found: {', '.join(self.split_names)})")
     files, labels = [], []
     class_dirs = _subdirectories(split_dir)
     if not class_dirs:
-      raise DataError(f'split folder has no class folders: {split_dir}')
+      raise DataError(f"split folder has no class folders: {split_dir}")
     for class_name in class_dirs:
       class_dir = split_dir / class_name
       images = sorted(entry.name for entry in class_dir.iterdir()
                       if entry.name.lower().endswith(IMAGE_EXTENSIONS))
       if not images:
-        raise DataError(f'empty class folder (no {"/".join(IMAGE_EXTENSIONS)} files): '
-                        f'{class_dir}')
+        raise DataError(f"empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files): "
+                        f"{class_dir}")
       files.extend(os.fspath(class_dir / name) for name in images)
       labels.extend([self.class_names.index(class_name)] * len(images))
     self._listing[split] = (files, np.asarray(labels, np.int32))
@@ -473,7 +473,7 @@ class FolderSource:
       else:
         parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop]))
     if sum(part.num_examples for part in parts) == 0:
-      raise DataError(f'split {split!r} of {self.description} has no images')
+      raise DataError(f"split {split!r} of {self.description} has no images")
     if len(parts) == 1:
       return parts[0]
     if all(isinstance(part, ArraySplit) for part in parts):
@@ -499,43 +499,43 @@ class FolderSource:
       return self._prepared[key]
     files, labels = self.list_split(split)
     cache_dir = self._cache_dir(split, files)
-    meta_path = cache_dir / 'meta.json'
-    images_path = cache_dir / 'images.npy'
+    meta_path = cache_dir / "meta.json"
+    images_path = cache_dir / "images.npy"
     if not meta_path.exists() or (cache and self._is_fixed(meta_path)
                                   and not images_path.exists()):
       self._decode_and_store(split, files, labels, cache_dir, keep_arrays=cache)
     meta = json.loads(meta_path.read_text())
-    if meta['skipped']:
-      log.warning('%s split %r: skipped %d undecodable image(s) (data.skip_corrupt=True), '
-                  'e.g. %s', self.description, split, len(meta['skipped']), meta['skipped'][0])
-    skipped = set(meta['skipped'])
+    if meta["skipped"]:
+      log.warning("%s split %r: skipped %d undecodable image(s) (data.skip_corrupt=True), "
+                  "e.g. %s", self.description, split, len(meta["skipped"]), meta["skipped"][0])
+    skipped = set(meta["skipped"])
     kept = np.asarray([index for index in range(len(files)) if files[index] not in skipped],
                       np.int64)
-    if cache and meta['fixed_shape'] is not None:
-      with images_path.open('rb') as f:
+    if cache and meta["fixed_shape"] is not None:
+      with images_path.open("rb") as f:
         result = ArraySplit(np.load(f), labels[kept])
     else:
       result = FileSplit([files[index] for index in kept], labels[kept])
-    self.skipped_files[split] = meta['skipped']
+    self.skipped_files[split] = meta["skipped"]
     self._prepared[key] = result
     return result
 
   @staticmethod
   def _is_fixed(meta_path):
-    return json.loads(meta_path.read_text())['fixed_shape'] is not None
+    return json.loads(meta_path.read_text())["fixed_shape"] is not None
 
   def _cache_dir(self, split, files):
     digest = hashlib.sha1()
-    digest.update(f'{self.root}\0{split}\0{self.skip_corrupt}\0'.encode())
+    digest.update(f"{self.root}\0{split}\0{self.skip_corrupt}\0".encode())
     # One stat per file: on gs:// each is a request, so they run in parallel.
     with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
       for path, signature in zip(files, pool.map(_file_signature, files, chunksize=64)):
-        digest.update(f'{path}\0{signature}\n'.encode())
-    name = f'{self.root.name}_{split}_{digest.hexdigest()[:16]}'
-    return self.data_dir / 'sjmae_folder_cache' / name
+        digest.update(f"{path}\0{signature}\n".encode())
+    name = f"{self.root.name}_{split}_{digest.hexdigest()[:16]}"
+    return self.data_dir / "sjmae_folder_cache" / name
 
   def _decode_and_store(self, split, files, labels, cache_dir, keep_arrays):
-    log.info('Preparing %s split %r: decoding %d images', self.description, split, len(files))
+    log.info("Preparing %s split %r: decoding %d images", self.description, split, len(files))
     skipped = []
     shapes = set()
     arrays = [None] * len(files) if keep_arrays else None
@@ -543,13 +543,13 @@ class FolderSource:
       for index, (array, error) in enumerate(pool.map(_decode_file, files, chunksize=64)):
         if arrays is not None and array is not None and array.nbytes * len(files) > (
             self.cache_max_bytes):
-          log.warning('%s split %r: decoded images would exceed data.cache_max_gb; they are '
-                      'decoded every step instead', self.description, split)
+          log.warning("%s split %r: decoded images would exceed data.cache_max_gb; they are "
+                      "decoded every step instead", self.description, split)
           arrays = None
         if error is not None:
           if not self.skip_corrupt:
-            raise DataError(f'cannot decode image {files[index]}: {error} '
-                            '(set data.skip_corrupt=True to skip such files)')
+            raise DataError(f"cannot decode image {files[index]}: {error} "
+                            "(set data.skip_corrupt=True to skip such files)")
           skipped.append(files[index])
           continue
         shapes.add(array.shape)
@@ -558,15 +558,15 @@ class FolderSource:
         else:
           arrays = None  # mixed sizes: images are decoded every step instead
     if len(skipped) == len(files):
-      raise DataError(f'split {split!r} of {self.description} has no decodable images')
+      raise DataError(f"split {split!r} of {self.description} has no decodable images")
     fixed_shape = list(shapes.pop()) if len(shapes) == 1 else None
     cache_dir.mkdir(parents=True, exist_ok=True)
     if arrays is not None and fixed_shape is not None:
       stacked = np.stack([array for array in arrays if array is not None])
-      _atomic_write(cache_dir / 'images.npy', lambda f: np.save(f, stacked))
+      _atomic_write(cache_dir / "images.npy", lambda f: np.save(f, stacked))
     meta = dict(root=os.fspath(self.root), split=split, num_files=len(files), skipped=skipped,
                 fixed_shape=fixed_shape)
-    _atomic_write(cache_dir / 'meta.json', lambda f: f.write(json.dumps(meta).encode()))
+    _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
 
 
 def _io_threads():
@@ -576,7 +576,7 @@ def _io_threads():
 def _subdirectories(path):
   """Sorted names of the folders in `path`, hidden ones (.ipynb_checkpoints, ...) left out."""
   return sorted(entry.name for entry in path.iterdir()
-                if not entry.name.startswith('.') and entry.is_dir())
+                if not entry.name.startswith(".") and entry.is_dir())
 
 
 def _decode_file(path):
@@ -584,7 +584,7 @@ def _decode_file(path):
   try:
     encoded = epath.Path(path).read_bytes()
   except OSError as error:
-    return None, f'{type(error).__name__}: {error}'
+    return None, f"{type(error).__name__}: {error}"
   try:
     return decode_image(encoded), None
   except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
@@ -593,8 +593,8 @@ def _decode_file(path):
 
 def _atomic_write(path, write):
   """write(binary file) into a temporary file beside `path`, then rename it to `path`."""
-  temp = path.parent / f'{path.name}.tmp{os.getpid()}'
-  with temp.open('wb') as f:
+  temp = path.parent / f"{path.name}.tmp{os.getpid()}"
+  with temp.open("wb") as f:
     write(f)
   temp.replace(path)
 
@@ -604,14 +604,14 @@ def _atomic_write(path, write):
 
 def open_source(cfg):
   source = cfg.source
-  if source == 'digits':
+  if source == "digits":
     return DigitsSource(cfg)
-  if source.startswith('tfds:'):
-    name = source[len('tfds:'):]
-    if name in ('digits', digits.DIGITS_NAME):
+  if source.startswith("tfds:"):
+    name = source[len("tfds:"):]
+    if name in ("digits", digits.DIGITS_NAME):
       return DigitsSource(cfg)
     return _tfds_source(cfg, name)
-  if source.startswith('folder:'):
-    return FolderSource(cfg, source[len('folder:'):])
+  if source.startswith("folder:"):
+    return FolderSource(cfg, source[len("folder:"):])
   raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME' or "
                   "'folder:PATH')")

@@ -12,9 +12,9 @@ def _tensorflow():
   try:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise DataError(f'reading TFRecord datasets needs TensorFlow: {TF_EXTRA}') from None
+    raise DataError(f"reading TFRecord datasets needs TensorFlow: {TF_EXTRA}") from None
   try:  # tf.data only runs host ops; keep a GPU build of TensorFlow off the accelerators.
-    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TensorFlow already initialised its devices
     pass
   return tf

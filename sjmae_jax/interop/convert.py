@@ -80,19 +80,16 @@ def our_path(key: str, ndim: int) -> tuple:
   return tuple(parents) + (leaf,)
 
 
-def _to_torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+# Conv kernel axes (p, p, C, D) -> Conv2d weight (D, C, p, p), and back.
+TO_TORCH_CONV, FROM_TORCH_CONV = (3, 2, 0, 1), (2, 3, 1, 0)
+
+
+def _relayout(leaf_name: str, value: np.ndarray, conv_axes: tuple) -> np.ndarray:
+  """Kernels transposed between Flax's and torch's layouts (Dense: .T, Conv: conv_axes)."""
   if leaf_name == "kernel" and value.ndim == 2:
     return value.T
   if leaf_name == "kernel" and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  return value
-
-
-def _from_torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
-  if leaf_name == "kernel" and value.ndim == 2:
-    return value.T
-  if leaf_name == "kernel" and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
+    return value.transpose(conv_axes)
   return value
 
 
@@ -100,7 +97,7 @@ def params_to_state_dict(tree: Mapping, key_prefix: str = "") -> dict:
   """Flax params -> {torch key: float32 numpy array in torch layout}."""
   state_dict = {}
   for path, value in flatten(tree).items():
-    value = _to_torch_layout(path[-1], to_numpy(value))
+    value = _relayout(path[-1], to_numpy(value), TO_TORCH_CONV)
     state_dict[key_prefix + torch_key(path)] = np.ascontiguousarray(value)
   return state_dict
 
@@ -111,7 +108,7 @@ def state_dict_to_params(state_dict: Mapping) -> dict:
   for key, value in state_dict.items():
     value = to_numpy(value)
     path = our_path(key, value.ndim)
-    flat[path] = np.ascontiguousarray(_from_torch_layout(path[-1], value))
+    flat[path] = np.ascontiguousarray(_relayout(path[-1], value, FROM_TORCH_CONV))
   return unflatten(flat)
 
 
@@ -124,20 +121,28 @@ def list_names(names, limit: int = 10) -> str:
 
 def check_state_dict(state_dict: Mapping, expected_shapes: Mapping, *, what: str) -> None:
   """Raise ValueError naming the missing and unexpected keys, else the keys whose shapes differ."""
-  missing = set(expected_shapes) - set(state_dict)
-  unexpected = set(state_dict) - set(expected_shapes)
+  found = {key: tuple(value.shape) for key, value in state_dict.items()}
+  check_names(what, found, {key: tuple(shape) for key, shape in expected_shapes.items()},
+              missing_says="missing key(s)", unexpected_says="unexpected key(s)",
+              expected_word="expected")
+
+
+def check_names(what: str, found: Mapping, expected: Mapping, *, missing_says: str,
+                unexpected_says: str, expected_word: str) -> None:
+  """{name: shape} found vs expected: one ValueError naming the missing and unexpected names,
+  else the names whose shapes differ."""
+  missing, unexpected = set(expected) - set(found), set(found) - set(expected)
   problems = []
   if missing:
-    problems.append(f"missing key(s) {list_names(missing)}")
+    problems.append(f"{missing_says} {list_names(missing)}")
   if unexpected:
-    problems.append(f"unexpected key(s) {list_names(unexpected)}")
+    problems.append(f"{unexpected_says} {list_names(unexpected)}")
   if problems:
     raise ValueError(f"{what}: " + "; ".join(problems))
-  mismatched = {key: (tuple(state_dict[key].shape), tuple(shape))
-                for key, shape in expected_shapes.items()
-                if tuple(state_dict[key].shape) != tuple(shape)}
+  mismatched = {name: (found[name], shape) for name, shape in expected.items()
+                if found[name] != shape}
   if mismatched:
-    raise ValueError(f"{what}: {describe_shape_mismatches(mismatched, 'expected')}")
+    raise ValueError(f"{what}: {describe_shape_mismatches(mismatched, expected_word)}")
 
 
 def describe_shape_mismatches(mismatched: Mapping, expected_word: str, limit: int = 10) -> str:

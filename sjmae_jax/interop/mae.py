@@ -12,6 +12,7 @@ from sjmae_jax.interop.convert import (check_state_dict, params_to_state_dict,
 from sjmae_jax.interop.resample import resample_pos_embed
 from sjmae_jax.interop.timm import (block_shapes, count_blocks, encoder_geometry, encoder_to_timm,
                                     grid_of, timm_to_encoder)
+from sjmae_jax.models.sizes import SIZES
 
 # LayerNorm eps of every norm in our encoder and decoder, and of models_mae.py's factories
 # (partial(nn.LayerNorm, eps=1e-6)); MaskedAutoencoderViT's own default norm_layer is
@@ -20,11 +21,8 @@ NORM_EPS = 1e-6
 
 # Reference model factories of models_mae.py: name -> (embed_dim, depth, num_heads, patch_size),
 # all with decoder 512 wide, 8 deep, 16 heads.
-MAE_MODELS = {
-    "mae_vit_base_patch16": (768, 12, 12, 16),
-    "mae_vit_large_patch16": (1024, 24, 16, 16),
-    "mae_vit_huge_patch14": (1280, 32, 16, 14),
-}
+MAE_MODELS = {f"mae_vit_{size}_patch{patch}": (*SIZES[size][:3], patch)
+              for size, patch in (("base", 16), ("large", 16), ("huge", 14))}
 
 
 def is_decoder_key(key: str) -> bool:

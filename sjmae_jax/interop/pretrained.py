@@ -3,8 +3,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sjmae_jax.interop.convert import (check_state_dict, describe_shape_mismatches, flatten,
-                                       list_names, state_dict_to_params, unflatten)
+from sjmae_jax.interop.convert import (check_names, check_state_dict, flatten,
+                                       state_dict_to_params, unflatten)
 from sjmae_jax.interop.io import read_state_dict
 from sjmae_jax.interop.mae import decoder_to_params, is_decoder_key
 from sjmae_jax.interop.timm import CLASSIFIER_PREFIXES, head_shapes, timm_to_encoder
@@ -73,23 +73,14 @@ def merge_params(params: Mapping, loaded: Mapping, *, allow_missing=(),
                  allow_missing=['fc_norm', 'head'], allow_unexpected=['encoder/norm'])
   """
   flat_params, flat_loaded = flatten(params), flatten(loaded)
-  missing = [path for path in flat_params
-             if path not in flat_loaded and not _matches(path, allow_missing)]
-  unexpected = [path for path in flat_loaded
-                if path not in flat_params and not _matches(path, allow_unexpected)]
-  problems = []
-  if missing:
-    problems.append(f"missing from the checkpoint: {list_names(map(_name, missing))}")
-  if unexpected:
-    problems.append(f"not in the model: {list_names(map(_name, unexpected))}")
-  if problems:
-    raise ValueError("loading pretrained params: " + "; ".join(problems))
-  mismatched = {_name(path): (tuple(flat_loaded[path].shape), tuple(value.shape))
-                for path, value in flat_params.items()
-                if path in flat_loaded and tuple(flat_loaded[path].shape) != tuple(value.shape)}
-  if mismatched:
-    raise ValueError("loading pretrained params: "
-                     + describe_shape_mismatches(mismatched, "model has"))
+  # the allowed missing / unexpected paths take part on both sides, so they are never reported
+  expected = {_name(path): tuple(value.shape) for path, value in flat_params.items()
+              if path in flat_loaded or not _matches(path, allow_missing)}
+  found = {_name(path): tuple(value.shape) for path, value in flat_loaded.items()
+           if path in flat_params or not _matches(path, allow_unexpected)}
+  check_names("loading pretrained params", found, expected,
+              missing_says="missing from the checkpoint:", unexpected_says="not in the model:",
+              expected_word="model has")
   merged = {path: np.asarray(flat_loaded[path]).astype(value.dtype) if path in flat_loaded
             else value for path, value in flat_params.items()}
   return unflatten(merged)

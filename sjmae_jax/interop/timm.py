@@ -12,16 +12,10 @@ import numpy as np
 from sjmae_jax.interop.convert import (check_state_dict, params_to_state_dict,
                                        state_dict_to_params, to_numpy)
 from sjmae_jax.interop.resample import resample_pos_embed
+from sjmae_jax.models.sizes import SIZES
 
-# timm's plain ViT sizes: name part -> (embed_dim, depth, num_heads).
-TIMM_VIT_SIZES = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-# (size, patch_size, img_size) of the plain-ViT names timm registers (vit_{size}_patch{p}_{img}).
+# (size, patch_size, img_size) of the plain-ViT names timm registers (vit_{size}_patch{p}_{img});
+# the sizes are models/sizes.py's.
 TIMM_VIT_NAMES = {
     ("tiny", 16, 224), ("tiny", 16, 384),
     ("small", 8, 224), ("small", 16, 224), ("small", 16, 384), ("small", 32, 224),
@@ -231,8 +225,8 @@ def timm_name_for(embed_dim: int, depth: int, patch_size: int, img_size: int) ->
   The size is the one with this width and depth (else this width, else 'base'); the patch size and
   image size are those of the name when timm registers such a name.
   """
-  sizes = [size for size, (dim, d, _) in TIMM_VIT_SIZES.items() if (dim, d) == (embed_dim, depth)]
-  sizes = sizes or [size for size, (dim, _, _) in TIMM_VIT_SIZES.items() if dim == embed_dim]
+  sizes = [name for name, size in SIZES.items() if size[:2] == (embed_dim, depth)]
+  sizes = sizes or [name for name, size in SIZES.items() if size.embed_dim == embed_dim]
   size = sizes[0] if sizes else "base"
   for patch, img in ((patch_size, img_size), (patch_size, 224)):
     if (size, patch, img) in TIMM_VIT_NAMES:
@@ -243,7 +237,7 @@ def timm_name_for(embed_dim: int, depth: int, patch_size: int, img_size: int) ->
 def _registered_size(timm_name: str):
   for size, patch, img in TIMM_VIT_NAMES:
     if timm_name == f"vit_{size}_patch{patch}_{img}":
-      return TIMM_VIT_SIZES[size]
+      return SIZES[size][:3]
   return None
 
 

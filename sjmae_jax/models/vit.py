@@ -2,7 +2,9 @@
 
 Parameter tree (Flax names -> timm names, see sjmae_jax/interop):
   patch_embed/proj/{kernel (p,p,C,D), bias}   -> patch_embed.proj.{weight (D,C,p,p), bias}
+                                                 (no bias with patch_bias=False)
   cls_token (1,1,D), pos_embed (1,1+L,D)       -> cls_token, pos_embed
+  norm_pre (only with pre_norm=True)           -> norm_pre
   blocks_{i}/norm1, attn/qkv (fused q,k,v), attn/proj, norm2, mlp/fc1, mlp/fc2
   blocks_{i}/ls1/gamma, ls2/gamma (LayerScale, only when layer_scale_init is set)
   norm                                        -> norm
@@ -21,15 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjmae_jax.models import posemb
-
-VARIANTS = {
-    # name: (embed_dim, depth, num_heads)
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
+from sjmae_jax.models.sizes import SIZES
 
 xavier_uniform = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
@@ -199,11 +193,11 @@ class FusedLayerNorm(nn.Module):
     return fused_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
-def layer_norm(impl: str, dtype, name: Optional[str] = None):
-  """The blocks' LayerNorm (eps 1e-6): 'flax' (nn.LayerNorm) or 'fused' (FusedLayerNorm)."""
+def layer_norm(impl: str, dtype, name: Optional[str] = None, epsilon: float = 1e-6):
+  """The blocks' LayerNorm: 'flax' (nn.LayerNorm) or 'fused' (FusedLayerNorm)."""
   if impl == "fused":
-    return FusedLayerNorm(epsilon=1e-6, dtype=dtype, name=name)
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+    return FusedLayerNorm(epsilon=epsilon, dtype=dtype, name=name)
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -276,19 +270,33 @@ class Attention(nn.Module):
     return proj(out.reshape(b, t, d))
 
 
+ACT_LAYERS = ("gelu", "quick_gelu")
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x) (timm's act_layer='quick_gelu')."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-  """fc1 - GELU - fc2. GELU is exact (erf) unless gelu_approximate (the tanh form); gelu_impl
-  'fused' gives it `fused_gelu`'s backward pass (same values)."""
+  """fc1 - activation - fc2. act_layer 'gelu' is exact (erf) unless gelu_approximate (the tanh
+  form), and gelu_impl 'fused' gives it `fused_gelu`'s backward pass (same values); 'quick_gelu'
+  is CLIP's (the gelu levers do not apply to it)."""
   hidden_dim: int
   dtype: Any = jnp.float32
   gelu_impl: str = "flax"
   gelu_approximate: bool = False
+  act_layer: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
-    if self.gelu_impl == "fused":
+    if self.act_layer not in ACT_LAYERS:
+      raise ValueError(f"act_layer {self.act_layer!r}: choose one of {list(ACT_LAYERS)}")
+    if self.act_layer == "quick_gelu":
+      x = quick_gelu(x)
+    elif self.gelu_impl == "fused":
       x = fused_gelu(x, self.gelu_approximate)
     else:
       x = nn.gelu(x, approximate=self.gelu_approximate)
@@ -307,13 +315,15 @@ class Block(nn.Module):
   norm_impl: str = "flax"
   gelu_impl: str = "flax"
   gelu_approximate: bool = False
+  norm_eps: float = 1e-6
+  act_layer: str = "gelu"
 
   def setup(self):
-    self.norm1 = layer_norm(self.norm_impl, self.dtype)
+    self.norm1 = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
     self.attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl)
-    self.norm2 = layer_norm(self.norm_impl, self.dtype)
+    self.norm2 = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
     self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, gelu_impl=self.gelu_impl,
-                   gelu_approximate=self.gelu_approximate)
+                   gelu_approximate=self.gelu_approximate, act_layer=self.act_layer)
     self.drop = DropPath(self.drop_path)
     if self.layer_scale_init is not None:
       self.ls1 = LayerScale(self.layer_scale_init)
@@ -344,6 +354,9 @@ class RematBlock(Block):
 class VisionTransformer(nn.Module):
   """ViT encoder. Returns all tokens (cls first) after the final LayerNorm.
 
+  The defaults are MAE's ViT; pre_norm=True, patch_bias=False, norm_eps=1e-5 and
+  act_layer='quick_gelu' make it a CLIP image tower (timm's `vit_*_clip_quickgelu_*`).
+
   keep_ids (B, K): indices of the patches to encode (MAE's visible set), gathered after the
     position embedding is added, so each kept token carries its own position.
   use_pos_embed=False: no position embedding on any token (SJ-MAE's jigsaw pass); a (B,) array
@@ -368,6 +381,13 @@ class VisionTransformer(nn.Module):
   # saves what that policy saves.
   remat_policy: Optional[str] = None
   final_norm: bool = True  # False for global-pool classifiers, whose fc_norm replaces `norm`
+  # timm's switches for CLIP towers: a LayerNorm `norm_pre` on all tokens before the blocks,
+  # a patch projection without bias, the LayerNorms' eps, the MLP activation ('gelu' or
+  # 'quick_gelu', timm's act_layer names).
+  pre_norm: bool = False
+  patch_bias: bool = True
+  norm_eps: float = 1e-6
+  act_layer: str = "gelu"
   use_mask_token: bool = False  # creates `mask_token` for patch_mask (mask-before-encoder methods)
   # Fast-path levers (docs/performance.md); the defaults are the plain Flax/JAX forms.
   norm_impl: str = "flax"       # 'fused': LayerNorm with a closed-form backward (FusedLayerNorm)
@@ -387,7 +407,8 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     p, c, d = self.patch_size, self.in_chans, self.embed_dim
-    self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype, gather_impl=self.gather_impl)
+    self.patch_embed = PatchEmbed(p, d, c, dtype=self.dtype, gather_impl=self.gather_impl,
+                                  bias=self.patch_bias)
     self.cls_token = self.param("cls_token", token_init, (1, 1, d))
     self.pos_embed = self.param("pos_embed", sincos_init(self.grid_size), (1, 1 + self.num_patches, d))
     if self.remat:
@@ -399,10 +420,12 @@ class VisionTransformer(nn.Module):
         block_cls(d, self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init,
                   dtype=self.dtype, attention_impl=self.attention_impl, norm_impl=self.norm_impl,
                   gelu_impl=self.gelu_impl, gelu_approximate=self.gelu_approximate,
-                  name=f"blocks_{i}")
+                  norm_eps=self.norm_eps, act_layer=self.act_layer, name=f"blocks_{i}")
         for i in range(self.depth)]
+    if self.pre_norm:
+      self.norm_pre = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
     if self.final_norm:
-      self.norm = layer_norm(self.norm_impl, self.dtype)
+      self.norm = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
     if self.use_mask_token:
       self.mask_token = self.param("mask_token", token_init, (1, 1, d))
 
@@ -440,6 +463,8 @@ class VisionTransformer(nn.Module):
     if keep_ids is not None and not kept_only:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     x = jnp.concatenate([cls, x], axis=1)
+    if self.pre_norm:
+      x = self.norm_pre(x)
     for block in self.blocks:
       x = block(x, train) if self.remat else block(x, train=train)
     return self.norm(x) if self.final_norm else x
@@ -459,31 +484,33 @@ def remat_policy(name: Optional[str]):
 
 
 class PatchEmbed(nn.Module):
-  """Patch projection (a p x p stride-p conv). With keep_ids (B, K) only those patches are
-  projected: their pixels are gathered (`take_tokens`) and multiplied by the conv kernel viewed
-  as a (p*p*C, D) matrix, as patchify orders a patch's pixels (p, q, c) like the kernel's HWI."""
+  """Patch projection (a p x p stride-p conv, with a bias unless bias=False). With keep_ids
+  (B, K) only those patches are projected: their pixels are gathered (`take_tokens`) and
+  multiplied by the conv kernel viewed as a (p*p*C, D) matrix, as patchify orders a patch's
+  pixels (p, q, c) like the kernel's HWI."""
   patch_size: int
   embed_dim: int
   in_chans: int = 3
   dtype: Any = jnp.float32
   gather_impl: str = "take"
+  bias: bool = True
 
   @nn.compact
   def __call__(self, images, keep_ids=None):
     p = self.patch_size
     conv = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                   kernel_init=patch_kernel_init,
+                   use_bias=self.bias, kernel_init=patch_kernel_init,
                    bias_init=torch_default_bias_init(p * p * self.in_chans), name="proj")
     if keep_ids is None:
       x = conv(images)
       return x.reshape(x.shape[0], -1, self.embed_dim)
-    if self.is_initializing():  # creates proj/{kernel,bias} exactly as the conv path does
+    if self.is_initializing():  # creates proj/{kernel,bias?} exactly as the conv path does
       conv(images[:1, :p, :p])
     params = conv.variables["params"]
     pixels = take_tokens(patchify(images, p), keep_ids)
     kernel = params["kernel"].reshape(-1, self.embed_dim)
     x = jnp.dot(pixels.astype(self.dtype), kernel.astype(self.dtype))
-    return x + params["bias"].astype(self.dtype)
+    return (x + params["bias"].astype(self.dtype)) if self.bias else x
 
 
 def vit_kwargs(model_config) -> dict:
@@ -493,10 +520,10 @@ def vit_kwargs(model_config) -> dict:
   explicitly (non-zero) override it, so custom widths need no new variant.
   """
   variant = model_config.get("variant", "base")
-  if variant not in VARIANTS and variant != "custom":
+  if variant not in SIZES and variant != "custom":
     raise ValueError(f"config model.variant: unknown ViT variant {variant!r}; "
-                     f"choose one of {sorted(VARIANTS)} or 'custom'")
-  dim, depth, heads = VARIANTS.get(variant, (0, 0, 0))
+                     f"choose one of {sorted(SIZES)} or 'custom'")
+  dim, depth, heads = SIZES[variant][:3] if variant in SIZES else (0, 0, 0)
   dim = model_config.get("embed_dim", 0) or dim
   depth = model_config.get("depth", 0) or depth
   heads = model_config.get("num_heads", 0) or heads

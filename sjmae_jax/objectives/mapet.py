@@ -224,12 +224,12 @@ def token_picture(images, target_ids, predicted_ids, predicted, patch_size: int,
   palette = jax.random.uniform(jax.random.PRNGKey(0), (codebook_size, channels))
   cells = patch_size * patch_size
 
-  def colour_map(ids):  # patch vectors are (p, q, c) with c fastest: tile the colour p*p times
+  def color_map(ids):  # patch vectors are (p, q, c) with c fastest: tile the colour p*p times
     return unpatchify(jnp.tile(palette[ids[:max_images]], (1, 1, cells)), patch_size, channels)
 
   context_only = unpatchify(patchify(images, patch_size) * (1 - predicted[:max_images, :, None]),
                             patch_size, channels)
-  grid = jnp.concatenate([images, context_only, colour_map(target_ids), colour_map(predicted_ids)],
+  grid = jnp.concatenate([images, context_only, color_map(target_ids), color_map(predicted_ids)],
                          axis=2)
   return grid.reshape(-1, *grid.shape[2:])[None]
 

@@ -66,17 +66,17 @@ def stack_maskings(maskings) -> Masking:
 
 def cross_view_consistency(cls_views, offdiag_target: float = -1.0):
   """FGCR's term on decoder cls outputs (K, B, D), averaged over views:
-  c = standardise(z_k)^T standardise(sg(mean_k z_k)) / B (standardised over the batch, unbiased
+  c = standardize(z_k)^T standardize(sg(mean_k z_k)) / B (standardised over the batch, unbiased
   std); sum_i (c_ii - 1)^2 + 0.005 * sum_{i != j} (c_ij - offdiag_target)^2.
   The original code uses offdiag_target -1 ((c_ij + 1)^2); Barlow Twins uses 0."""
   cls_views = cls_views.astype(jnp.float32)
   k, n, d = cls_views.shape
 
-  def standardise(z):
+  def standardize(z):
     return (z - z.mean(axis=-2, keepdims=True)) / z.std(axis=-2, ddof=1, keepdims=True)
 
-  anchor = standardise(jax.lax.stop_gradient(cls_views.mean(axis=0)))
-  c = jnp.einsum("knd,ne->kde", standardise(cls_views), anchor) / n
+  anchor = standardize(jax.lax.stop_gradient(cls_views.mean(axis=0)))
+  c = jnp.einsum("knd,ne->kde", standardize(cls_views), anchor) / n
   eye = jnp.eye(d)
   on_diag = jnp.sum(((c - 1.0) ** 2) * eye, axis=(1, 2))
   off_diag = jnp.sum(((c - offdiag_target) ** 2) * (1.0 - eye), axis=(1, 2))

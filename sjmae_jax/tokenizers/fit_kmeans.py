@@ -80,7 +80,7 @@ def fit(config, teacher: str, out: str, *, codebook_size: int = 0, num_images: i
   teacher_kwargs, teacher_params = tokenizer.load_teacher(
       teacher, grid=grid, num_heads=teacher_num_heads, quick_gelu=teacher_quick_gelu)
   if teacher_normalize == "auto":
-    teacher_normalize = "clip" if teacher_kwargs["architecture"] == "clip" else "data"
+    teacher_normalize = "clip" if teacher_kwargs.get("pre_norm") else "data"
   teacher_norm = (tokenizer.data_normalization(config.data) if teacher_normalize == "data"
                   else tokenizer.NORMALIZATIONS[teacher_normalize])
   started = time.time()

@@ -42,23 +42,23 @@ def random_init(rng, points, k: int):
 
 
 def kmeans_plus_plus_init(rng, points, k: int):
-  """k-means++ (Arthur & Vassilvitskii 2007): each next centre is drawn with probability
-  proportional to the squared distance to the nearest centre chosen so far. O(k N D)."""
+  """k-means++ (Arthur & Vassilvitskii 2007): each next center is drawn with probability
+  proportional to the squared distance to the nearest center chosen so far. O(k N D)."""
   points = points.astype(jnp.float32)
   first_rng, rng = jax.random.split(rng)
   first = points[jax.random.randint(first_rng, (), 0, points.shape[0])]
-  centres = jnp.zeros((k, points.shape[1]), jnp.float32).at[0].set(first)
+  centers = jnp.zeros((k, points.shape[1]), jnp.float32).at[0].set(first)
   nearest_sq = jnp.sum((points - first) ** 2, axis=1)
 
-  def add_centre(i, carry):
-    centres, nearest_sq = carry
+  def add_center(i, carry):
+    centers, nearest_sq = carry
     logits = jnp.log(jnp.maximum(nearest_sq, 1e-30))
     chosen = points[jax.random.categorical(jax.random.fold_in(rng, i), logits)]
     nearest_sq = jnp.minimum(nearest_sq, jnp.sum((points - chosen) ** 2, axis=1))
-    return centres.at[i].set(chosen), nearest_sq
+    return centers.at[i].set(chosen), nearest_sq
 
-  centres, _ = jax.lax.fori_loop(1, k, add_centre, (centres, nearest_sq))
-  return centres
+  centers, _ = jax.lax.fori_loop(1, k, add_center, (centers, nearest_sq))
+  return centers
 
 
 def lloyd_step(points, centroids, chunk_size: int = 4096):

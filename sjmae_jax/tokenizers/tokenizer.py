@@ -10,7 +10,10 @@ so a tokenizer is self-contained: the MaPeT objective needs only OUT.npy's path.
 
 Teachers: a sjmae_jax pretraining workdir (its latest checkpoint's encoder), a ViT weights file
 that `interop.load_pretrained` reads (timm / MAE .safetensors, .pth, .bin), or a timm CLIP image
-tower (`vit_*_clip_*`, recognised by its `norm_pre`; see clip.py). The teacher always yields one
+tower (`vit_*_clip_*`, recognised by its `norm_pre`). Every teacher is a models.vit
+VisionTransformer; a CLIP tower is one with CLIP's switches (`CLIP_TOWER`: a LayerNorm before
+the blocks, no patch-embedding bias, LayerNorm eps 1e-5, and QuickGELU for OpenAI's weights,
+exact GELU for LAION's). The teacher always yields one
 token per patch of the student: its input size is the student's patch grid times the teacher's
 own patch size (images are resized to it, the position embedding is resampled), and images are
 re-normalised from the data's mean/std to the teacher's.
@@ -28,12 +31,17 @@ from sjmae_jax import checkpointing, interop
 from sjmae_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from sjmae_jax.interop import timm as timm_interop
 from sjmae_jax.interop.convert import params_to_state_dict, state_dict_to_params, to_numpy
-from sjmae_jax.models.vit import VARIANTS, VisionTransformer, vit_kwargs
-from sjmae_jax.tokenizers.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipViT
+from sjmae_jax.models.sizes import SIZES
+from sjmae_jax.models.vit import VisionTransformer, vit_kwargs
 
 # embed_dim -> num_heads of the standard ViT sizes, for weights files (heads are not in them).
-STANDARD_NUM_HEADS = {dim: heads for dim, _, heads in VARIANTS.values()}
-ARCHITECTURES = {"vit": VisionTransformer, "clip": ClipViT}
+STANDARD_NUM_HEADS = {size.embed_dim: size.num_heads for size in SIZES.values()}
+# The VisionTransformer switches of a timm CLIP image tower (timm builds them with pre_norm=True,
+# which also drops the patch bias, and norm_layer=LayerNorm(eps=1e-5)); act_layer is
+# 'quick_gelu' for OpenAI's weights, 'gelu' for LAION's.
+CLIP_TOWER = dict(pre_norm=True, patch_bias=False, norm_eps=1e-5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                   "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
                   "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
@@ -47,20 +55,21 @@ def data_normalization(data_config) -> tuple:
 
 
 def teacher_module(teacher_kwargs: dict, dtype=jnp.float32):
-  """The unbound teacher model described by a tokenizer's 'teacher' entry."""
+  """The unbound VisionTransformer described by a tokenizer's 'teacher' entry."""
   kwargs = dict(teacher_kwargs)
-  architecture = kwargs.pop("architecture")
-  return ARCHITECTURES[architecture](**kwargs, dtype=dtype, parent=None)
+  if kwargs.pop("architecture", "vit") == "clip":  # a tokenizer written before the one ViT
+    kwargs.update(CLIP_TOWER, act_layer="quick_gelu" if kwargs.pop("quick_gelu") else "gelu")
+  return VisionTransformer(**kwargs, dtype=dtype, parent=None)
 
 
 def _vit_kwargs_from_params(encoder, *, grid: int, num_heads: int) -> dict:
   patch_size, _, in_chans, embed_dim = encoder["patch_embed"]["proj"]["kernel"].shape
   hidden = encoder["blocks_0"]["mlp"]["fc1"]["kernel"].shape[1]
-  return dict(architecture="vit", img_size=grid * int(patch_size), patch_size=int(patch_size),
+  return dict(img_size=grid * int(patch_size), patch_size=int(patch_size),
               in_chans=int(in_chans), embed_dim=int(embed_dim),
               depth=sum(name.startswith("blocks_") for name in encoder), num_heads=int(num_heads),
               mlp_ratio=hidden / embed_dim,
-              # the value is only an initialiser; the loaded gammas replace it
+              # the value is only an initializer; the loaded gammas replace it
               layer_scale_init=1.0 if "ls1" in encoder["blocks_0"] else None,
               final_norm="norm" in encoder)
 
@@ -74,19 +83,16 @@ def _heads(embed_dim: int, num_heads: int, source) -> int:
 
 
 def _clip_teacher(state_dict, *, grid: int, num_heads: int, quick_gelu: bool, source):
-  """A timm CLIP image tower (keys of VisionTransformer(pre_norm=True)) -> (kwargs, params)."""
+  """A timm CLIP image tower (keys of timm's VisionTransformer(pre_norm=True)) ->
+  (kwargs, params)."""
   tower = {key: value for key, value in state_dict.items()
            if not key.startswith(timm_interop.CLASSIFIER_PREFIXES)}  # drop the projection head
-  patch_size = int(tower["patch_embed.proj.weight"].shape[-1])
   tower["pos_embed"] = interop.resample_pos_embed(to_numpy(tower["pos_embed"]), grid)
   params = state_dict_to_params(tower)
   embed_dim = int(params["cls_token"].shape[-1])
-  hidden = params["blocks_0"]["mlp"]["fc1"]["kernel"].shape[1]
-  kwargs = dict(architecture="clip", img_size=grid * patch_size, patch_size=patch_size,
-                in_chans=int(params["patch_embed"]["proj"]["kernel"].shape[2]),
-                embed_dim=embed_dim, depth=sum(name.startswith("blocks_") for name in params),
-                num_heads=_heads(embed_dim, num_heads, source), mlp_ratio=hidden / embed_dim,
-                quick_gelu=quick_gelu)
+  kwargs = _vit_kwargs_from_params(params, grid=grid,
+                                   num_heads=_heads(embed_dim, num_heads, source))
+  kwargs.update(CLIP_TOWER, act_layer="quick_gelu" if quick_gelu else "gelu")
   return kwargs, params
 
 
