@@ -79,8 +79,8 @@ def sample_batch(config, batch_size: int = 2) -> dict:
 
 
 def init_state(model, tx, config, rng) -> dict:
-  params_rng, masking_rng, dropout_rng, train_rng = jax.random.split(rng, 4)
-  variables = model.init({"params": params_rng, "masking": masking_rng, "dropout": dropout_rng},
+  params_rng, init_rng, _, train_rng = jax.random.split(rng, 4)
+  variables = model.init({"params": params_rng, **objectives.step_rngs(model, init_rng)},
                          sample_batch(config), train=True)
   params = variables["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -108,10 +108,9 @@ def microbatches(batch, num: int, mesh):
 def make_grad_fn(model):
   """(params, batch_stats, batch, rng) -> ((loss, (metrics, new batch_stats)), grads)."""
   def loss_fn(params, batch_stats, batch, rng):
-    masking_rng, dropout_rng = jax.random.split(rng)
     (loss, metrics), updated = model.apply(
         {"params": params, "batch_stats": batch_stats}, batch, train=True,
-        rngs={"masking": masking_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
+        rngs=objectives.step_rngs(model, rng), mutable=["batch_stats"])
     return loss, (metrics, updated.get("batch_stats", batch_stats))
   return jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -198,7 +197,7 @@ def make_pictures_fn(model, num_images: int = 8, finish_batch=None):
       small = finish_batch(small)
     rng = jax.random.fold_in(state["rng"], 2 ** 31 - 1)  # fixed, apart from step rngs
     return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, small,
-                       method="pictures", rngs={"masking": rng, "dropout": rng})
+                       method="pictures", rngs=objectives.step_rngs(model, rng))
   return pictures
 
 
