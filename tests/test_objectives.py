@@ -1,9 +1,11 @@
 """The objective contract, over every registered objective; typed configs, rng streams, registry,
 and the shared loss and picture helpers."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -173,6 +175,9 @@ def test_check_builds_the_typed_config_of_every_shipped_config(name, arg):
   assert isinstance(settings, objectives.objective_class(config.method).config_class)
   block = config[config.method]
   assert all(getattr(settings, key) == value for key, value in block.items())
+  # a workdir's config.json (read back to load its weights) gives the same settings
+  saved = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  assert objectives.check(saved) == settings
 
 
 @pytest.mark.parametrize("method,key,value,expected", [

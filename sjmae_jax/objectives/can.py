@@ -14,6 +14,7 @@ removed patches and as noise at visible ones. 'separate' adds a second Linear (`
 decoder's normed tokens for the noise. Either way the `decoder` subtree is a plain MAE decoder.
 A term with weight 0 is not built or computed; w_noise=0 is CAN without denoising (no noise, no
 sigma embedding), which the original code crashes on.
+Masks are drawn from the 'masking' rng stream, sigma and the noise from 'noise'.
 """
 import dataclasses
 from typing import Any

@@ -14,8 +14,8 @@ only 'mask_pos_token' and 'head' (and, for token targets, the frozen 'teacher').
 Both streams run as ONE sequence [h | g] through the encoder's own blocks with one attention mask
 whose g columns are all False (g is never a key). That is exactly the two-stream computation
 (queries of g over keys/values of h under mask_q, h over h under mask_h) and shares each block's
-per-sample drop-path draw between the streams, as the original does. the README (MaPeT section) draws the
-layout.
+per-sample drop-path draw between the streams, as the original does. The README (MaPeT section)
+draws the layout. The permutations come from the 'permutation' rng stream.
 
 Targets: 'pixels' (norm-pix MSE of the predicted patches, default) or 'tokens' (cross-entropy
 over the ids a k-means tokenizer gives the teacher's patch features; see sjmae_jax/tokenizers).
