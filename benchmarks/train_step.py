@@ -65,7 +65,7 @@ import jax
 import numpy as np
 
 from benchmarks import flops, profile_ops, step_hlo
-from sjmae_jax import config_lib, data, engine, optim, sharding, trainer
+from sjmae_jax import config_lib, data, engine, objectives, optim, sharding, trainer
 from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import vit_kwargs
 # pylint: enable=wrong-import-position
@@ -411,10 +411,9 @@ class StepBench:
     def loss(params):
       if self.kernel_dtype is not None:
         params = engine.cast_kernels(params, self.kernel_dtype)
-      rngs = {"masking": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
       (value, _), _ = self.model.apply(
           {"params": params, "batch_stats": self.state["batch_stats"]}, batch, train=True,
-          rngs=rngs, mutable=["batch_stats"])
+          rngs=objectives.step_rngs(self.model, jax.random.PRNGKey(0)), mutable=["batch_stats"])
       return value
     return step_hlo.residual_bytes(loss, self.state["params"])
 

@@ -257,25 +257,11 @@ def validate(config, num_devices: int | None = None) -> None:
 
 
 def _validate_model_and_data(config) -> None:
-  model = config.model
-  if model.img_size <= 0 or model.patch_size <= 0:
-    raise ValueError(f"config model.img_size/patch_size: must be positive, got "
-                     f"{model.img_size}/{model.patch_size}")
-  if model.img_size % model.patch_size:
-    raise ValueError(f"config model.img_size: {model.img_size} is not divisible by "
-                     f"model.patch_size {model.patch_size}")
-  if model.img_size != config.data.img_size:
+  """What the objective's own checks (objectives.check: encoder, decoder, method block) do not
+  see: the data block against the model."""
+  if config.model.img_size != config.data.img_size:
     raise ValueError(f"config data.img_size: {config.data.img_size} differs from model.img_size "
-                     f"{model.img_size}")
-  for block_name in ("model", "decoder"):
-    block = config.get(block_name)
-    if block and block.get("embed_dim") and block.get("num_heads") and (
-        block.embed_dim % block.num_heads):
-      raise ValueError(f"config {block_name}.embed_dim: {block.embed_dim} is not divisible by "
-                       f"{block_name}.num_heads {block.num_heads}")
-  if not 0.0 <= model.get("drop_path_rate", 0.0) < 1.0:
-    raise ValueError(f"config model.drop_path_rate: {model.drop_path_rate} must be in [0, 1)")
-  _validate_mask_ratios(config, num_patches=(model.img_size // model.patch_size) ** 2)
+                     f"{config.model.img_size}")
   _validate_views(config.data)
 
 
@@ -301,21 +287,6 @@ def _validate_optim(optim) -> None:
         re.compile(rule[0])
       except re.error as e:
         raise ValueError(f"config optim.{key}: bad regex {rule[0]!r}: {e}") from None
-
-
-def _validate_mask_ratios(config, num_patches: int) -> None:
-  """Every `mask_ratio*` key of every block: in [0, 1) and keeping at least one patch."""
-  for block_name, block in config.items():
-    if not isinstance(block, ml_collections.ConfigDict) or block_name in ("data", "arg"):
-      continue
-    for key, ratio in block.items():
-      if not key.startswith("mask_ratio") or not isinstance(ratio, (int, float)):
-        continue
-      if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"config {block_name}.{key}: {ratio} must be in [0, 1)")
-      if int(num_patches * (1 - ratio)) < 1:
-        raise ValueError(f"config {block_name}.{key}: {ratio} keeps no patch of the "
-                         f"{num_patches} (model.img_size / model.patch_size squared)")
 
 
 def _validate_views(data_config) -> None:

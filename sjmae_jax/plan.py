@@ -36,7 +36,7 @@ from absl import app, flags
 from jax.extend import core as jax_core
 from ml_collections import config_flags
 
-from sjmae_jax import sharding, train_state
+from sjmae_jax import objectives, sharding, train_state
 from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import vit_kwargs
 
@@ -91,10 +91,8 @@ def residual_bytes(config, model, abstract_state, batch_size: int) -> int:
   of `batch_size` (traced, not computed). Inputs (the train state, the batch) and constants are
   not counted."""
   def loss(params, batch_stats, batch, rng):  # the loss_fn of train_state.make_loss_fn
-    masking_rng, dropout_rng = jax.random.split(rng)
     (value, _), _ = model.apply({"params": params, "batch_stats": batch_stats}, batch, train=True,
-                                rngs={"masking": masking_rng, "dropout": dropout_rng},
-                                mutable=["batch_stats"])
+                                rngs=objectives.step_rngs(model, rng), mutable=["batch_stats"])
     return value
 
   def forward(params, batch_stats, batch, rng):

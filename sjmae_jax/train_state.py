@@ -35,8 +35,8 @@ def sample_batch(config, batch_size: int = 2) -> dict:
 
 def model_state(model, config, rng) -> dict:
   """A fresh {'params', 'batch_stats', 'rng'} of the objective (what the engine trains)."""
-  params_rng, masking_rng, dropout_rng, train_rng = jax.random.split(rng, 4)
-  variables = model.init({"params": params_rng, "masking": masking_rng, "dropout": dropout_rng},
+  params_rng, init_rng, _, train_rng = jax.random.split(rng, 4)
+  variables = model.init({"params": params_rng, **objectives.step_rngs(model, init_rng)},
                          sample_batch(config), train=True)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
           "rng": train_rng}
@@ -57,10 +57,9 @@ def abstract_train_state(config):
 def make_loss_fn(model):
   """(params, batch_stats, batch, rng) -> (loss, (metrics, new batch_stats)) of the objective."""
   def loss_fn(params, batch_stats, batch, rng):
-    masking_rng, dropout_rng = jax.random.split(rng)
     (loss, metrics), updated = model.apply(
         {"params": params, "batch_stats": batch_stats}, batch, train=True,
-        rngs={"masking": masking_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
+        rngs=objectives.step_rngs(model, rng), mutable=["batch_stats"])
     return loss, (metrics, updated.get("batch_stats", batch_stats))
   return loss_fn
 
@@ -76,5 +75,5 @@ def pictures_fn(model):
   def pictures(state, batch):
     rng = jax.random.fold_in(state["rng"], 2 ** 31 - 1)
     return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, batch,
-                       method="pictures", rngs={"masking": rng, "dropout": rng})
+                       method="pictures", rngs=objectives.step_rngs(model, rng))
   return pictures

@@ -72,7 +72,7 @@ def pretraining_task(config, start_step: int) -> engine.Task:
 
   monitors = evaluation.build_monitors(
       config, mesh, steps_per_epoch=steps_per_epoch, features_fn=features,
-      logits_fn=logits if objectives.has_classifier(model) else None)
+      logits_fn=logits if model.has_classifier else None)
 
   def describe(num_params, start):
     encoder = config.model

@@ -10,7 +10,7 @@ from sjmae_jax.objectives.can import sinusoidal_embedding
 from tests.helpers import tiny_config
 
 RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed), "masking": jax.random.PRNGKey(seed + 1),
-                       "dropout": jax.random.PRNGKey(seed + 2)}
+                       "dropout": jax.random.PRNGKey(seed + 2), "noise": jax.random.PRNGKey(seed + 3)}
 
 
 def small_config(**overrides):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjmae_jax.objectives.mae import patch_targets, removed_patch_mse
+from sjmae_jax.objectives.reconstruction import patch_targets, removed_patch_mse
 from sjmae_jax.objectives.masking import num_kept, random_masking
 
 

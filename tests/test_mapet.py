@@ -17,7 +17,8 @@ from sjmae_jax.objectives import mapet
 from sjmae_jax.tokenizers import kmeans, tokenizer
 from tests.helpers import REPO, load_config, override, train_losses
 
-RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed), "masking": jax.random.PRNGKey(seed + 1),
+RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed),
+                       "permutation": jax.random.PRNGKey(seed + 1),
                        "dropout": jax.random.PRNGKey(seed + 2)}
 TINY = {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "batch_size": 32,
         "log_every_steps": 2, "picture_every_steps": 0, "checkpoint.every_steps": 1000,

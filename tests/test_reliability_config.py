@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sjmae_jax import config_lib, data, optim, sharding, trainer
+from sjmae_jax import config_lib, data, objectives, optim, sharding, trainer
 from tests.helpers import REPO, tiny_config, train_command, train_env
 
 
@@ -66,7 +66,8 @@ def test_validate_rejects_impossible_values():
   for expected, overrides in cases.items():
     config = tiny_config("sjmae" if "sjmae" in expected else "mae", **overrides)
     with pytest.raises(ValueError, match=re.escape(expected)):
-      config_lib.validate(config, num_devices=1)
+      config_lib.validate(config, num_devices=1)  # the run's keys
+      objectives.check(config)  # the objective's: encoder, decoder, method block
   config_lib.validate(tiny_config("mae"), num_devices=8)  # the defaults pass
   config_lib.validate(tiny_config("sjmae"), num_devices=2)
 

@@ -10,7 +10,7 @@ import pytest
 from sjmae_jax import trainer
 from sjmae_jax.models.vit import VisionTransformer, patchify, unpatchify
 from sjmae_jax.objectives import contrastive
-from sjmae_jax.objectives.jigsaw import position_cross_entropy
+from sjmae_jax.objectives.losses import softmax_cross_entropy
 from tests.helpers import REPO, tiny_config
 
 RNGS = lambda seed=0: {"params": jax.random.PRNGKey(seed), "masking": jax.random.PRNGKey(seed + 1),
@@ -79,15 +79,6 @@ def test_nt_xent_matches_numpy():
   np.testing.assert_allclose(loss, total / 8, rtol=1e-5)
 
 
-def test_position_cross_entropy_matches_numpy():
-  rng = np.random.default_rng(3)
-  logits, positions = rng.normal(size=(2, 3, 7)), rng.integers(0, 7, size=(2, 3))
-  lp = np_log_softmax(logits.reshape(6, 7))
-  expected = -np.mean(lp[np.arange(6), positions.reshape(-1)])
-  loss, acc = position_cross_entropy(jnp.asarray(logits), jnp.asarray(positions))
-  np.testing.assert_allclose(loss, expected, rtol=1e-5)
-
-
 # ---- the jigsaw pass ----
 
 def test_without_pos_embed_the_encoder_is_permutation_equivariant():
@@ -124,7 +115,7 @@ def test_jigsaw_targets_are_original_positions_of_kept_tokens():
   _, _, jig, tokens2 = enc._encode_both(images[:, 0], images[:, 1], False)
   kept_pixels = np.asarray(jnp.take_along_axis(patchify(images[:, 1], 4), jig.keep_ids[..., None], 1))
   np.testing.assert_array_equal(kept_pixels, np.asarray(jig.keep_ids)[..., None] * np.ones(48))
-  expected, _ = position_cross_entropy(enc.jigsaw_head(tokens2[:, 1:]), jig.keep_ids)
+  expected, _ = softmax_cross_entropy(enc.jigsaw_head(tokens2[:, 1:]), jig.keep_ids)
   np.testing.assert_allclose(metrics["loss/jigsaw"], expected, rtol=1e-5)
   assert tokens2.shape[1] == 1 + 4  # 25% of 16 patches kept
 

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from sjmae_jax.models.vit import (Block, gather_tokens, layer_norm, sincos_init, token_init,
                                   xavier_uniform)
 
+MASK_TOKEN_MODES = ("shared", "per_slot")
+
 
 class MAEDecoder(nn.Module):
   """Encoded visible tokens (cls first) + ids_restore -> per-patch predictions (B, L, out_dim).
@@ -56,7 +58,8 @@ class MAEDecoder(nn.Module):
       mask_token = self.param("mask_token", token_init, (1, num_removed, d))
       fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, num_removed, d))
     else:
-      raise ValueError(f"config decoder.mask_token_mode: unknown value {self.mask_token_mode!r}")
+      raise ValueError(f"config decoder.mask_token_mode: {self.mask_token_mode!r} is not one of "
+                       f"{MASK_TOKEN_MODES}")
     patches = jnp.concatenate([x[:, 1:], fill], axis=1)
     patches = gather_tokens(patches, ids_restore, self.gather_impl)
     x = jnp.concatenate([x[:, :1], patches], axis=1)

@@ -530,10 +530,14 @@ def vit_kwargs(model_config) -> dict:
   if not (dim and depth and heads):
     raise ValueError("config model: a 'custom' variant needs embed_dim, depth and num_heads")
   if dim % heads:
-    raise ValueError(f"config model: embed_dim {dim} is not divisible by num_heads {heads}")
+    raise ValueError(f"config model.embed_dim: {dim} is not divisible by model.num_heads {heads}")
   img, patch = model_config.img_size, model_config.patch_size
   if img % patch:
-    raise ValueError(f"config model: img_size {img} is not divisible by patch_size {patch}")
+    raise ValueError(f"config model.img_size: {img} is not divisible by model.patch_size {patch}")
+  if img <= 0 or patch <= 0:
+    raise ValueError(f"config model.img_size/patch_size: must be positive, got {img}/{patch}")
+  if not 0.0 <= model_config.get("drop_path_rate", 0.0) < 1.0:
+    raise ValueError(f"config model.drop_path_rate: {model_config.drop_path_rate} must be in [0, 1)")
   attention_impl = model_config.get("attention_impl", "") or None
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"config model.attention_impl: unknown value {attention_impl!r}; choose one "

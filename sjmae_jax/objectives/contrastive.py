@@ -5,6 +5,8 @@ Under jit the arrays are the global (sharded) batch, so negatives come from ever
 import jax
 import jax.numpy as jnp
 
+from sjmae_jax.objectives.losses import softmax_cross_entropy
+
 
 def l2_normalize(x, eps: float = 1e-12):
   x = x.astype(jnp.float32)
@@ -17,10 +19,7 @@ def infonce(z1, z2, temperature: float = 0.1):
   Returns (loss, top-1 retrieval accuracy of the positive among the batch).
   """
   logits = l2_normalize(z1) @ l2_normalize(z2).T / temperature
-  labels = jnp.arange(logits.shape[0])
-  loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], 1))
-  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-  return loss, accuracy
+  return softmax_cross_entropy(logits, jnp.arange(logits.shape[0]))
 
 
 def symmetric_infonce(z1, z2, temperature: float = 0.1):
@@ -44,7 +43,4 @@ def nt_xent(z1, z2, temperature: float = 0.1):
   logits = z @ z.T / temperature
   logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
   positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(log_probs, positives[:, None], axis=1))
-  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == positives)
-  return loss, accuracy
+  return softmax_cross_entropy(logits, positives)

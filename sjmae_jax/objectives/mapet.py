@@ -14,12 +14,13 @@ only 'mask_pos_token' and 'head' (and, for token targets, the frozen 'teacher').
 Both streams run as ONE sequence [h | g] through the encoder's own blocks with one attention mask
 whose g columns are all False (g is never a key). That is exactly the two-stream computation
 (queries of g over keys/values of h under mask_q, h over h under mask_h) and shares each block's
-per-sample drop-path draw between the streams, as the original does. the README (MaPeT section) draws the
-layout.
+per-sample drop-path draw between the streams, as the original does. The README (MaPeT section)
+draws the layout. The permutations come from the 'permutation' rng stream.
 
 Targets: 'pixels' (norm-pix MSE of the predicted patches, default) or 'tokens' (cross-entropy
 over the ids a k-means tokenizer gives the teacher's patch features; see sjmae_jax/tokenizers).
 """
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives
-from sjmae_jax.models.vit import (VisionTransformer, patchify, timm_trunc_normal, unpatchify,
-                                  vit_kwargs)
-from sjmae_jax.objectives.mae import patch_targets, reconstruction_picture
+from sjmae_jax.models.vit import VisionTransformer, patchify, timm_trunc_normal, unpatchify
+from sjmae_jax.objectives import base
+from sjmae_jax.objectives.losses import softmax_cross_entropy
+from sjmae_jax.objectives.pictures import picture_grid, to_unit_range
+from sjmae_jax.objectives.reconstruction import patch_targets, reconstruction_picture
 from sjmae_jax import optim
 from sjmae_jax.tokenizers.kmeans import nearest_centroid
 from sjmae_jax.tokenizers.tokenizer import (Tokenizer, data_normalization, read_tokenizer,
@@ -95,40 +98,83 @@ def joint_mask(mask_h, mask_q):
   return jnp.concatenate([rows, no_g_keys], axis=2)[:, None]
 
 
-def token_cross_entropy(logits, ids):
-  """Mean cross-entropy and top-1 accuracy of logits (..., K) against integer ids (...)."""
-  logits = logits.astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(log_probs, ids[..., None], axis=-1))
-  return loss, jnp.mean(jnp.argmax(logits, axis=-1) == ids)
+@dataclasses.dataclass(frozen=True)
+class MaPeTConfig:
+  """config.mapet, with the encoder (config.model) and the normalization of the data (for the
+  teacher of token targets). Token targets: the tokenizer's JSON is read to check it fits."""
+  encoder: dict
+  data_norm: tuple  # (mean, std) the input pipeline applies to [0, 1] images
+  target: str
+  norm_pix_loss: bool
+  num_context: int
+  tokenizer: str
+  codebook_size: int
+
+  def __post_init__(self):
+    base.check_choice("mapet.target", self.target, TARGETS)
+    if not self.encoder.get("final_norm", True):
+      raise ValueError("MaPeT needs an encoder with its final norm (both streams end with it)")
+    num_patches = base.num_patches(self.encoder)
+    context = self.num_context or default_num_context(num_patches)
+    if not 1 <= context <= num_patches:
+      raise ValueError(f"config mapet.num_context: {context} must be in [1, {num_patches}] (cls "
+                       "+ context patches, with at least one patch left to predict)")
+    base.check_range("mapet.codebook_size", self.codebook_size, low=1)
+    if self.target == "tokens":
+      if not self.tokenizer:
+        raise ValueError("config mapet.tokenizer: mapet.target='tokens' needs a tokenizer "
+                         "codebook (.npy written by python -m sjmae_jax.tokenizers.fit_kmeans)")
+      teacher = read_tokenizer(self.tokenizer).teacher_kwargs
+      grid = self.encoder["img_size"] // self.encoder["patch_size"]
+      if teacher["img_size"] != grid * teacher["patch_size"]:
+        fitted_grid = teacher["img_size"] // teacher["patch_size"]
+        raise ValueError(f"config mapet.tokenizer: {self.tokenizer} was fitted for a "
+                         f"{fitted_grid}^2 patch grid, the model has {grid}^2; fit one for this "
+                         "model")
+
+  @classmethod
+  def from_config(cls, config) -> "MaPeTConfig":
+    settings = base.read_block(config, "mapet", cls, encoder=base.encoder_kwargs(config),
+                               data_norm=data_normalization(config.data))
+    if settings.target == "tokens":
+      check_teacher_frozen(config)
+    return settings
 
 
-class MaPeT(nn.Module):
-  encoder_kwargs: dict
-  config: Any  # the full run config (mapet block)
-  tokenizer: Optional[Tokenizer] = None  # needed for target='tokens'
-  dtype: Any = jnp.float32
+def check_teacher_frozen(config) -> None:
+  """The teacher must be frozen by the optimizer (lr multiplier 0): a zero gradient alone does
+  not stop AdamW's decoupled weight decay from shrinking it."""
+  rules = tuple(tuple(rule) for rule in config.optim.lr_mults)
+  paths = ("teacher/codebook", "teacher/encoder/blocks_0/attn/qkv/kernel")
+  if any(optim.first_match(rules, path) != 0 for path in paths):
+    raise ValueError(f"config optim.lr_mults: {rules} must freeze 'teacher/.*' (multiplier 0) for "
+                     "mapet.target='tokens'")
+
+
+@objectives.register("mapet")
+class MaPeT(base.Objective):
+  config: MaPeTConfig
+  tokenizer: Optional[Tokenizer] = None  # read from config.mapet.tokenizer for target='tokens'
+  config_class = MaPeTConfig
+  rng_streams = ("permutation", "dropout")  # `encode` (the base one): the content stream alone
+
+  @classmethod
+  def from_config(cls, config, dtype=jnp.float32) -> "MaPeT":
+    settings = MaPeTConfig.from_config(config)
+    tokenizer = read_tokenizer(settings.tokenizer) if settings.target == "tokens" else None
+    return cls(settings, tokenizer=tokenizer, dtype=dtype)
 
   @property
   def num_context(self) -> int:
-    return self.config.mapet.num_context or default_num_context(self.encoder.num_patches)
+    return self.config.num_context or default_num_context(self.encoder.num_patches)
 
   def setup(self):
-    cfg = self.config.mapet
-    if cfg.target not in TARGETS:
-      raise ValueError(f"config mapet.target: {cfg.target!r} is not one of {TARGETS}")
-    self.encoder = VisionTransformer(**self.encoder_kwargs, dtype=self.dtype, name="encoder")
-    if not self.encoder.final_norm:
-      raise ValueError("MaPeT needs an encoder with its final norm (both streams end with it)")
-    num_patches = self.encoder.num_patches
-    if not 1 <= self.num_context <= num_patches:
-      raise ValueError(f"config mapet.num_context: {self.num_context} must be in "
-                       f"[1, {num_patches}] (cls + context patches, with at least one patch left "
-                       "to predict)")
-    dim = self.encoder_kwargs["embed_dim"]
+    cfg = self.config
+    self.encoder = VisionTransformer(**cfg.encoder, dtype=self.dtype, name="encoder")
+    dim = cfg.encoder["embed_dim"]
     self.mask_pos_token = self.param("mask_pos_token", nn.initializers.normal(0.02), (1, 1, dim))
     if cfg.target == "pixels":
-      p, c = self.encoder_kwargs["patch_size"], self.encoder_kwargs["in_chans"]
+      p, c = cfg.encoder["patch_size"], cfg.encoder["in_chans"]
       out_dim = p * p * c
     else:
       out_dim = self.tokenizer.codebook_size
@@ -159,7 +205,8 @@ class MaPeT(nn.Module):
     return x[:, :t], x[:, t + (t - c):]
 
   def _predict(self, images, train: bool):
-    order = random_permutations(self.make_rng("masking"), images.shape[0], self.encoder.num_patches)
+    order = random_permutations(self.make_rng("permutation"), images.shape[0],
+                                self.encoder.num_patches)
     _, query = self.two_streams(images, order, train)
     predicted_patches = order[:, self.num_context:] - 1  # (B, M) patch indices, prediction order
     return self.head(query), predicted_patches
@@ -168,14 +215,14 @@ class MaPeT(nn.Module):
     """(B, L) k-means ids of the frozen teacher's patch features."""
     teacher = jax.lax.stop_gradient(self.teacher)
     features = teacher_features(self.tokenizer.teacher_kwargs, teacher["encoder"], images,
-                                data_norm=data_normalization(self.config.data),
+                                data_norm=self.config.data_norm,
                                 teacher_norm=self.tokenizer.teacher_norm, dtype=self.dtype)
     ids, _ = nearest_centroid(jax.lax.stop_gradient(features), teacher["codebook"])
     return ids
 
   def targets(self, images):
     """Per-patch targets in natural order: pixels (B, L, p*p*C) or token ids (B, L)."""
-    cfg = self.config.mapet
+    cfg = self.config
     if cfg.target == "pixels":
       return patch_targets(images, self.encoder.patch_size, cfg.norm_pix_loss)
     return self.token_ids(images)
@@ -186,15 +233,11 @@ class MaPeT(nn.Module):
     targets = self.targets(images)
     index = predicted_patches if targets.ndim == 2 else predicted_patches[..., None]
     targets = jnp.take_along_axis(targets, index, axis=1)
-    if self.config.mapet.target == "pixels":
+    if self.config.target == "pixels":
       loss = jnp.mean((outputs.astype(jnp.float32) - targets) ** 2)
       return loss, {"loss/mapet": loss}
-    loss, accuracy = token_cross_entropy(outputs, targets)
+    loss, accuracy = softmax_cross_entropy(outputs, targets)
     return loss, {"loss/mapet": loss, "mapet/top1": accuracy}
-
-  def encode(self, images):
-    """Full-image features for monitors and probes: the content stream alone is the encoder."""
-    return self.encoder(images, train=False)
 
   def pictures(self, batch):
     images = batch["images"][:, 0]
@@ -202,11 +245,11 @@ class MaPeT(nn.Module):
     b, num_patches, p = images.shape[0], self.encoder.num_patches, self.encoder.patch_size
     rows = jnp.arange(b)[:, None]
     predicted = jnp.zeros((b, num_patches)).at[rows, predicted_patches].set(1.0)
-    if self.config.mapet.target == "pixels":
+    if self.config.target == "pixels":
       pred = jnp.zeros((b, num_patches, outputs.shape[-1])).at[rows, predicted_patches].set(
           outputs.astype(jnp.float32))
       return {"reconstruction": reconstruction_picture(images, pred, predicted, p,
-                                                       self.config.mapet.norm_pix_loss)}
+                                                       self.config.norm_pix_loss)}
     target_ids = self.token_ids(images)
     predicted_ids = target_ids.at[rows, predicted_patches].set(jnp.argmax(outputs, axis=-1))
     return {"tokens": token_picture(images, target_ids, predicted_ids, predicted, p,
@@ -216,48 +259,15 @@ class MaPeT(nn.Module):
 def token_picture(images, target_ids, predicted_ids, predicted, patch_size: int, codebook_size: int,
                   max_images: int = 8):
   """Rows of (image | context patches only | target token map | predicted token map), each token
-  id drawn as a fixed random colour; context patches keep their target colour in the last map."""
-  images = images[:max_images].astype(jnp.float32)
-  lo, hi = images.min(axis=(1, 2, 3), keepdims=True), images.max(axis=(1, 2, 3), keepdims=True)
-  images = (images - lo) / (hi - lo + 1e-6)
+  id drawn as a fixed random color; context patches keep their target color in the last map."""
+  images = to_unit_range(images[:max_images].astype(jnp.float32))
   channels = images.shape[-1]
   palette = jax.random.uniform(jax.random.PRNGKey(0), (codebook_size, channels))
   cells = patch_size * patch_size
 
-  def color_map(ids):  # patch vectors are (p, q, c) with c fastest: tile the colour p*p times
+  def color_map(ids):  # patch vectors are (p, q, c) with c fastest: tile the color p*p times
     return unpatchify(jnp.tile(palette[ids[:max_images]], (1, 1, cells)), patch_size, channels)
 
   context_only = unpatchify(patchify(images, patch_size) * (1 - predicted[:max_images, :, None]),
                             patch_size, channels)
-  grid = jnp.concatenate([images, context_only, color_map(target_ids), color_map(predicted_ids)],
-                         axis=2)
-  return grid.reshape(-1, *grid.shape[2:])[None]
-
-
-def check_teacher_frozen(config) -> None:
-  """The teacher must be frozen by the optimizer (lr multiplier 0): a zero gradient alone does
-  not stop AdamW's decoupled weight decay from shrinking it."""
-  rules = tuple(tuple(rule) for rule in config.optim.lr_mults)
-  paths = ("teacher/codebook", "teacher/encoder/blocks_0/attn/qkv/kernel")
-  if any(optim.first_match(rules, path) != 0 for path in paths):
-    raise ValueError(f"config optim.lr_mults: {rules} must freeze 'teacher/.*' (multiplier 0) for "
-                     "mapet.target='tokens'")
-
-
-@objectives.register("mapet")
-def build(config, dtype=jnp.float32) -> MaPeT:
-  tokenizer = None
-  if config.mapet.target == "tokens":
-    if not config.mapet.tokenizer:
-      raise ValueError("config mapet.tokenizer: mapet.target='tokens' needs a tokenizer codebook "
-                       "(.npy written by python -m sjmae_jax.tokenizers.fit_kmeans)")
-    check_teacher_frozen(config)
-    tokenizer = read_tokenizer(config.mapet.tokenizer)
-    grid = config.model.img_size // config.model.patch_size
-    teacher = tokenizer.teacher_kwargs
-    if teacher["img_size"] != grid * teacher["patch_size"]:
-      fitted_grid = teacher["img_size"] // teacher["patch_size"]
-      raise ValueError(f"config mapet.tokenizer: {config.mapet.tokenizer} was fitted for a "
-                       f"{fitted_grid}^2 patch grid, the model has {grid}^2; fit one for this "
-                       "model")
-  return MaPeT(vit_kwargs(config.model), config, tokenizer, dtype=dtype)
+  return picture_grid([images, context_only, color_map(target_ids), color_map(predicted_ids)])

@@ -10,6 +10,7 @@ every patch; the loss counts masked pixels only.
       mask tokens (Linear-blocks-LayerNorm-Linear); MSE on the masked pixels.
 Params: {'encoder': VisionTransformer with `mask_token`, 'decoder'}.
 """
+import dataclasses
 import math
 from typing import Any
 
@@ -18,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives
-from sjmae_jax.models.vit import (Block, VisionTransformer, torch_default_bias_init, vit_kwargs,
-                                  xavier_uniform)
-from sjmae_jax.objectives.mae import patch_targets, reconstruction_picture
+from sjmae_jax.models.vit import Block, VisionTransformer, torch_default_bias_init, xavier_uniform
+from sjmae_jax.objectives import base
+from sjmae_jax.objectives.reconstruction import (DecoderConfig, patch_targets,
+                                                 reconstruction_picture)
 
 DECODERS = ("linear", "transformer")
 LOSSES = ("l1", "mse")
@@ -102,33 +104,65 @@ class TransformerPixelDecoder(nn.Module):
                     name="decoder_pred")(x[:, 1:])
 
 
-class SimMIM(nn.Module):
-  encoder_kwargs: dict
-  config: Any
-  dtype: Any = jnp.float32
+@dataclasses.dataclass(frozen=True)
+class SimMIMConfig:
+  """config.simmim, with the encoder (config.model) and, for decoder='transformer', the sizes of
+  the decoder block (`transformer`)."""
+  encoder: dict
+  transformer: DecoderConfig | None
+  masking: str
+  mask_unit: int
+  mask_ratio: float
+  decoder: str
+  loss: str
+  norm_pix_loss: bool
+
+  def __post_init__(self):
+    base.check_choice("simmim.decoder", self.decoder, DECODERS)
+    base.check_choice("simmim.loss", self.loss, LOSSES)
+    base.check_range("simmim.mask_unit", self.mask_unit, low=1)
+    mask_unit_patches(self.encoder["img_size"], self.encoder["patch_size"], self.masking,
+                      self.mask_unit)  # checks masking and mask_unit
+    if not 0.0 <= self.mask_ratio < 1.0:
+      raise ValueError(f"config simmim.mask_ratio: {self.mask_ratio} must be in [0, 1)")
+
+  @property
+  def unit(self) -> int:
+    """Side of a mask unit in patches."""
+    kw = self.encoder
+    return mask_unit_patches(kw["img_size"], kw["patch_size"], self.masking, self.mask_unit)
+
+  @classmethod
+  def from_config(cls, config) -> "SimMIMConfig":
+    settings = base.read_block(config, "simmim", cls, encoder=base.encoder_kwargs(config),
+                               transformer=None)
+    if settings.decoder == "transformer":
+      settings = dataclasses.replace(settings, transformer=DecoderConfig.from_config(config))
+    return settings
+
+
+@objectives.register("simmim")
+class SimMIM(base.Objective):
+  config: SimMIMConfig
+  config_class = SimMIMConfig
 
   def setup(self):
-    cfg = self.config.simmim
-    if cfg.decoder not in DECODERS:
-      raise ValueError(f"config simmim.decoder: {cfg.decoder!r} is not one of {DECODERS}")
-    if cfg.loss not in LOSSES:
-      raise ValueError(f"config simmim.loss: {cfg.loss!r} is not one of {LOSSES}")
-    kw = self.encoder_kwargs
-    self.unit = mask_unit_patches(kw["img_size"], kw["patch_size"], cfg.masking, cfg.mask_unit)
+    cfg, kw = self.config, self.config.encoder
     self.encoder = VisionTransformer(**kw, use_mask_token=True, dtype=self.dtype, name="encoder")
     out_dim = kw["patch_size"] ** 2 * kw["in_chans"]
     if cfg.decoder == "linear":
       self.decoder = LinearPixelDecoder(out_dim, dtype=self.dtype)
     else:
-      dec = self.config.decoder
+      dec = cfg.transformer
       self.decoder = TransformerPixelDecoder(out_dim, dec.embed_dim, dec.depth, dec.num_heads,
-                                             dtype=self.dtype, attention_impl=kw["attention_impl"])
+                                             dec.mlp_ratio, dtype=self.dtype,
+                                             attention_impl=kw["attention_impl"])
 
   def _pass(self, images, train):
     """(loss, predictions (B, L, p*p*C), patch mask (B, L) bool)."""
-    cfg = self.config.simmim
+    cfg = self.config
     mask = unit_masking(self.make_rng("masking"), images.shape[0], self.encoder.grid_size,
-                        self.unit, cfg.mask_ratio)
+                        cfg.unit, cfg.mask_ratio)
     tokens = self.encoder(images, patch_mask=mask, train=train)
     pred = self.decoder(tokens, train=train)
     target = patch_targets(images, self.encoder.patch_size, cfg.norm_pix_loss)
@@ -139,17 +173,9 @@ class SimMIM(nn.Module):
     loss, _, _ = self._pass(batch["images"][:, 0], train)
     return loss, {"loss/mim": loss}
 
-  def encode(self, images):
-    return self.encoder(images, train=False)
-
   def pictures(self, batch):
     images = batch["images"][:, 0]
     _, pred, mask = self._pass(images, train=False)
     return {"reconstruction": reconstruction_picture(
         images, pred, mask.astype(jnp.float32), self.encoder.patch_size,
-        self.config.simmim.norm_pix_loss)}
-
-
-@objectives.register("simmim")
-def build(config, dtype=jnp.float32) -> SimMIM:
-  return SimMIM(vit_kwargs(config.model), config, dtype=dtype)
+        self.config.norm_pix_loss)}

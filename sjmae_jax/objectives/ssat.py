@@ -16,25 +16,71 @@ lambda = 1 builds no decoder and computes no masked pass: pure supervised traini
 Params: {'encoder', 'head'} (a timm-style cls-token classifier, see models/classifier.py) and
 'decoder' (MAEDecoder names).
 """
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sjmae_jax import objectives
-from sjmae_jax.models.vit import VisionTransformer, vit_kwargs, xavier_uniform
-from sjmae_jax.objectives.mae import (build_decoder, patch_targets, reconstruction_picture,
-                                      removed_patch_mse)
+from sjmae_jax.models.vit import VisionTransformer, xavier_uniform
+from sjmae_jax.objectives import base
+from sjmae_jax.objectives.losses import softmax_cross_entropy
 from sjmae_jax.objectives.masking import Masking, num_kept
+from sjmae_jax.objectives.reconstruction import (DecoderConfig, build_decoder, patch_targets,
+                                                 reconstruction_picture, removed_patch_mse)
 
 
-def smoothed_cross_entropy(logits, labels, smoothing: float):
-  """timm's LabelSmoothingCrossEntropy: (1 - s) * NLL + s * mean over classes of -log p."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  uniform = -jnp.mean(log_probs, axis=-1)
-  return jnp.mean((1.0 - smoothing) * nll + smoothing * uniform)
+@dataclasses.dataclass(frozen=True)
+class SSATConfig:
+  """config.ssat, with the encoder (config.model) and, when lam < 1, the decoder block.
+  num_classes 0 = the dataset's (read when the objective is built, not by `check`)."""
+  encoder: dict
+  decoder: DecoderConfig | None
+  num_classes: int
+  lam: float
+  label_smoothing: float
+  mask_ratio: float
+  norm_pix_loss: bool
+  offdiag_target: float
+  views: int
+  beta: float
+
+  def __post_init__(self):
+    base.check_range("ssat.num_classes", self.num_classes, low=0)
+    base.check_range("ssat.lam", self.lam, low=0.0, high=1.0)
+    base.check_range("ssat.label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+    base.check_mask_ratio("ssat.mask_ratio", self.mask_ratio, self.encoder)
+    base.check_range("ssat.views", self.views, low=1)
+    base.check_range("ssat.beta", self.beta, low=0.0)
+    if self.use_mae:
+      check_views_fit(base.num_patches(self.encoder), self.mask_ratio, self.views)
+
+  @property
+  def use_mae(self) -> bool:
+    """lam = 1 is pure supervised training: no decoder, no masked pass."""
+    return self.lam < 1.0
+
+  @property
+  def use_consistency(self) -> bool:
+    return self.use_mae and self.beta > 0
+
+  @classmethod
+  def from_config(cls, config) -> "SSATConfig":
+    settings = base.read_block(config, "ssat", cls, encoder=base.encoder_kwargs(config),
+                               decoder=None)
+    if settings.use_mae:
+      settings = dataclasses.replace(settings, decoder=DecoderConfig.from_config(config))
+    return settings
+
+
+def check_views_fit(num_patches: int, mask_ratio: float, num_views: int) -> None:
+  """Disjoint views of the MAE kept count each must fit in the patches."""
+  len_keep = num_kept(num_patches, mask_ratio)
+  if num_views * len_keep > num_patches:
+    raise ValueError(f"config ssat.views: {num_views} views of {len_keep} visible patches need "
+                     f"{num_views * len_keep} > {num_patches} patches (lower views or raise "
+                     f"ssat.mask_ratio)")
 
 
 def disjoint_view_maskings(rng, batch_size: int, num_patches: int, mask_ratio: float,
@@ -42,11 +88,8 @@ def disjoint_view_maskings(rng, batch_size: int, num_patches: int, mask_ratio: f
   """K Maskings from ONE shuffle per image: view i keeps ids_shuffle[:, i*k:(i+1)*k], k the MAE
   kept count, and removes everything else. Each view's shuffle is the common one rolled by i*k,
   so its kept ids come first and its ids_restore puts them back in place."""
+  check_views_fit(num_patches, mask_ratio, num_views)
   len_keep = num_kept(num_patches, mask_ratio)
-  if num_views * len_keep > num_patches:
-    raise ValueError(f"config ssat.views: {num_views} views of {len_keep} visible patches need "
-                     f"{num_views * len_keep} > {num_patches} patches (lower views or raise "
-                     f"ssat.mask_ratio)")
   ids_shuffle = jnp.argsort(jax.random.uniform(rng, (batch_size, num_patches)), axis=1)
   removed_in_order = (jnp.arange(num_patches) >= len_keep).astype(jnp.float32)
   maskings = []
@@ -83,25 +126,30 @@ def cross_view_consistency(cls_views, offdiag_target: float = -1.0):
   return jnp.mean(on_diag + 0.005 * off_diag)
 
 
-class SSAT(nn.Module):
-  encoder_kwargs: dict
-  config: Any
-  dtype: Any = jnp.float32
+@objectives.register("ssat")
+class SSAT(base.Objective):
+  config: SSATConfig
+  config_class = SSATConfig
+  has_classifier = True
+
+  @classmethod
+  def from_config(cls, config, dtype=jnp.float32) -> "SSAT":
+    settings = SSATConfig.from_config(config)
+    if not settings.num_classes:  # 0 = read it from the dataset
+      from sjmae_jax import data
+      num_classes = data.dataset_info(config.data).num_classes
+      if not num_classes:
+        raise ValueError(f"config ssat.num_classes: 0 and data.source {config.data.source!r} "
+                         "names no classes; set it")
+      settings = dataclasses.replace(settings, num_classes=num_classes)
+    return cls(settings, dtype=dtype)
 
   def setup(self):
-    cfg = self.config.ssat
-    if not 0.0 <= cfg.lam <= 1.0:
-      raise ValueError(f"config ssat.lam: {cfg.lam} must be in [0, 1]")
-    if cfg.views < 1:
-      raise ValueError(f"config ssat.views: {cfg.views} must be >= 1")
-    if cfg.num_classes < 1:
-      raise ValueError(f"config ssat.num_classes: {cfg.num_classes} (set it for this dataset)")
-    self.use_mae = cfg.lam < 1.0
-    self.use_consistency = self.use_mae and cfg.beta > 0
-    self.encoder = VisionTransformer(**self.encoder_kwargs, dtype=self.dtype, name="encoder")
+    cfg = self.config
+    self.encoder = VisionTransformer(**cfg.encoder, dtype=self.dtype, name="encoder")
     self.head = nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=xavier_uniform)
-    if self.use_mae:
-      self.decoder = build_decoder(self.config, self.encoder_kwargs, self.dtype)
+    if cfg.use_mae:
+      self.decoder = build_decoder(cfg.decoder, cfg.encoder, self.dtype)
 
   def classify(self, images, *, train: bool = False):
     """Logits (B, num_classes) from the cls token of the full image after the final norm."""
@@ -110,7 +158,7 @@ class SSAT(nn.Module):
   def _masked_pass(self, images, train):
     """(reconstruction loss averaged over views, decoder cls (K, B, D_dec), stacked Masking,
     predictions (K*B, L, p*p*C))."""
-    cfg = self.config.ssat
+    cfg = self.config
     n, k = images.shape[0], cfg.views
     maskings = disjoint_view_maskings(self.make_rng("masking"), n, self.encoder.num_patches,
                                       cfg.mask_ratio, k)
@@ -125,39 +173,28 @@ class SSAT(nn.Module):
     return sum(per_view) / k, cls_views, masking, pred
 
   def __call__(self, batch, *, train: bool = True):
-    cfg = self.config.ssat
+    cfg = self.config
     images, labels = batch["images"][:, 0], batch["label"]
     logits = self.classify(images, train=train)
-    losses = {"ce": smoothed_cross_entropy(logits, labels, cfg.label_smoothing)}
-    metrics = {"train/top1": jnp.mean(jnp.argmax(logits, axis=-1) == labels)}
+    losses, metrics = {}, {}
+    losses["ce"], metrics["train/top1"] = softmax_cross_entropy(
+        logits, labels, label_smoothing=cfg.label_smoothing)
     total = cfg.lam * losses["ce"]
-    if self.use_mae:
+    if cfg.use_mae:
       losses["mae"], cls_views, _, _ = self._masked_pass(images, train)
       total += (1.0 - cfg.lam) * losses["mae"]
-      if self.use_consistency:
+      if cfg.use_consistency:
         losses["consistency"] = cross_view_consistency(cls_views, cfg.offdiag_target)
         total += (1.0 - cfg.lam) * cfg.beta * losses["consistency"]
     metrics.update({f"loss/{t}": v for t, v in losses.items()})
     return total, metrics
 
-  def encode(self, images):
-    return self.encoder(images, train=False)
-
   def pictures(self, batch):
-    if not self.use_mae:
+    if not self.config.use_mae:
       return {}
     images = batch["images"][:, 0]
     _, _, masking, pred = self._masked_pass(images, train=False)
     n = images.shape[0]  # the first view
     return {"reconstruction": reconstruction_picture(images, pred[:n], masking.mask[:n],
                                                      self.encoder.patch_size,
-                                                     self.config.ssat.norm_pix_loss)}
-
-
-@objectives.register("ssat")
-def build(config, dtype=jnp.float32) -> SSAT:
-  if not config.ssat.num_classes:  # 0 = read it from the dataset
-    from sjmae_jax import data
-    config = config.copy_and_resolve_references()
-    config.ssat.num_classes = data.dataset_info(config.data).num_classes
-  return SSAT(vit_kwargs(config.model), config, dtype=dtype)
+                                                     self.config.norm_pix_loss)}
