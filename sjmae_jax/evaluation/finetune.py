@@ -11,10 +11,10 @@ train state (WORKDIR/checkpoints, resumable), the best params (WORKDIR/best) and
 results.json.
 """
 import jax
-import optax
 
 from sjmae_jax import data, engine, evaluation, optim, paths, sharding
 from sjmae_jax.evaluation import common, mixup
+from sjmae_jax.objectives.losses import softmax_cross_entropy
 
 
 def make_loss_fn(classifier, config, num_classes: int):
@@ -29,7 +29,8 @@ def make_loss_fn(classifier, config, num_classes: int):
         mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha,
         switch_prob=mix.switch_prob, prob=mix.prob, label_smoothing=config.label_smoothing)
     logits = classifier.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
-    return optax.softmax_cross_entropy(logits, targets).mean(), ({}, batch_stats)
+    loss, _ = softmax_cross_entropy(logits, targets)  # the accuracy of mixed targets means little
+    return loss, ({}, batch_stats)
   return loss_fn
 
 

@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from etils import epath
 
 from sjmae_jax import checkpointing, config_lib, data, engine, evaluation, optim, paths, sharding
 from sjmae_jax.evaluation import common, knn
 from sjmae_jax.evaluation.classification import topk_correct
 from sjmae_jax.models.heads import BatchNorm
+from sjmae_jax.objectives.losses import softmax_cross_entropy
 from sjmae_jax.models.vit import timm_trunc_normal
 
 MODES = ("fast", "full", "both")
@@ -50,8 +50,7 @@ def head_loss(head, params, batch_stats, features, labels):
   """(loss, ({'train/top1'}, new batch_stats)) of the probe head on features."""
   logits, updated = head.apply({"params": params, "batch_stats": batch_stats}, features,
                                train=True, mutable=["batch_stats"])
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  loss, accuracy = softmax_cross_entropy(logits, labels)
   return loss, ({"train/top1": accuracy}, updated["batch_stats"])
 
 
