@@ -16,23 +16,14 @@ from sjmae_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, data="digits", model="", img=0, patch=0)
-  on_digits = args.data == "digits"
-  img, patch, model = config_lib.default_model_args(args)
-
-  config = ml_collections.ConfigDict()
-  config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  config = config_lib.evaluation_config(arg, views=("finetune",), global_pool="avg")  # MAE's
+  on_digits = config.arg.data == "digits"
   # True: train config.model from a random init instead (the supervised-from-scratch baseline;
   # init_from stays empty). Layer-wise lr decay is then usually switched off (optim.layer_decay=1).
   config.from_scratch = False
-  config.global_pool = "avg"  # 'avg': mean patch token -> fc_norm (MAE default); 'token': CLS
-  # The architecture of a weights file or of from_scratch (a pretraining workdir brings its own);
-  # model.drop_path_rate applies either way.
-  config.model = config_lib.model_config(model, img, patch)
-  config.model.drop_path_rate = 0.1
+  config.model.drop_path_rate = 0.1  # also on a pretraining workdir's architecture
   # Train views: RRC(0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 + random erasing
   # 0.25 ('pixel'); change them with --config.data.recipes.finetune.randaugment / ...erase_prob.
-  config.data = config_lib.data_config(args.data, img, views=("finetune",))
 
   config.batch_size = 128 if on_digits else 1024
   config.epochs = 30 if on_digits else 50
@@ -67,5 +58,4 @@ def get_config(arg=None):
                                         rrc_scale=(0.35, 1.0))
     config.mixup.prob = 0.0
     config.optim.layer_decay, config.blr = 0.9, 2e-3
-  config.arg = args
   return config.lock()

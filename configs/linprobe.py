@@ -15,16 +15,9 @@ from sjmae_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, data="digits", model="", img=0, patch=0)
-  on_digits = args.data == "digits"
-  img, patch, model = config_lib.default_model_args(args)
-
-  config = ml_collections.ConfigDict()
-  config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  config = config_lib.evaluation_config(arg, views=("linprobe",), global_pool="token")  # MAE's
+  on_digits = config.arg.data == "digits"
   config.mode = "both"
-  config.global_pool = "token"  # 'token': CLS after the final norm (MAE default); 'avg'
-  config.model = config_lib.model_config(model, img, patch)  # only used for weights files
-  config.data = config_lib.data_config(args.data, img, views=("linprobe",))
   # MAE main_linprobe: RandomResizedCrop(scale 0.08-1, bicubic) + flip; eval resize + center crop.
   config.data.recipes.linprobe = dict(config.data.recipes.mae.to_dict(), rrc_scale=(0.08, 1.0))
 
@@ -34,7 +27,7 @@ def get_config(arg=None):
   # MAE: blr 0.1 (lr 6.4 at batch 16384, ~7000 steps on ImageNet). LARS moves a weight matrix by
   # about lr x 0.001 of its norm per step, so with few steps (small data sets) blr 0.1 leaves the
   # head near its init: digits (5 steps / epoch) and CIFAR (48) use a larger blr.
-  config.blr = config_lib.probe_blr(args.data)
+  config.blr = config_lib.probe_blr(config.arg.data)
   config.lr = 0.0  # absolute peak lr; 0 = blr * batch_size / 256
   config.min_lr = 0.0
   # LARS (momentum 0.9, trust 0.001, no weight decay); the encoder (and the untrained fc_norm of
@@ -49,5 +42,4 @@ def get_config(arg=None):
       eval=dict(type="classification", every_epochs=10)))  # top-1 / top-5 on data.eval_split
   if on_digits:  # 8x8 digits: a flip or an 8% crop changes or erases the class
     config.data.recipes.linprobe.update(flip_prob=0.0, rrc_scale=(0.35, 1.0))
-  config.arg = args
   return config.lock()

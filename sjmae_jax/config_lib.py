@@ -171,6 +171,21 @@ def every_steps(block, name: str, *, steps_per_epoch: int, batch_size: int) -> i
   return max(int(round(value)), 1) if value else 0
 
 
+def evaluation_config(arg, *, views, global_pool: str) -> ml_collections.ConfigDict:
+  """What the linear probe's and fine-tuning's configs start from. Arg keys: data, img, patch,
+  model (the architecture of a weights file; a pretraining workdir brings its own)."""
+  args = parse_arg(arg, data="digits", model="", img=0, patch=0)
+  img, patch, model = default_model_args(args)
+  config = ml_collections.ConfigDict()
+  config.init_from = ""  # pretraining workdir (latest checkpoint) or weights file
+  # 'token': CLS after the final norm; 'avg': mean patch token -> fc_norm
+  config.global_pool = global_pool
+  config.model = model_config(model, img, patch)
+  config.data = data_config(args.data, img, views)
+  config.arg = args
+  return config
+
+
 def pretrain_config(arg, *, method: str, views=("mae",), **arg_defaults) -> ml_collections.ConfigDict:
   """Base pretraining config. Arg keys: model, data, img, patch (0 = dataset default), + the caller's."""
   args = parse_arg(arg, model="", data="digits", img=0, patch=0, **arg_defaults)
@@ -279,14 +294,8 @@ def _validate_optim(optim) -> None:
   if not 0.0 < optim.layer_decay <= 1.0:
     raise ValueError(f"config optim.layer_decay: {optim.layer_decay} must be in (0, 1]")
   for key in ("lr_mults", "wd_mults"):
-    for rule in optim[key]:
-      if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] < 0:
-        raise ValueError(f"config optim.{key}: {tuple(rule)} is not a (regex, multiplier >= 0) "
-                         f"pair")
-      try:
-        re.compile(rule[0])
-      except re.error as e:
-        raise ValueError(f"config optim.{key}: bad regex {rule[0]!r}: {e}") from None
+    _validate_regex_rules(f"optim.{key}", optim[key], "multiplier >= 0",
+                          lambda value: isinstance(value, (int, float)) and value >= 0)
 
 
 def _validate_views(data_config) -> None:
@@ -299,15 +308,20 @@ def _validate_views(data_config) -> None:
                      f"{sorted(data_config.recipes)})")
 
 
-def _validate_sharding(sharding_config) -> None:
-  for rule in sharding_config.rules:
-    if len(rule) != 2 or rule[1] not in SHARDING_STRATEGIES:
-      raise ValueError(f"config sharding.rules: {tuple(rule)} is not a (regex, "
-                       f"{' | '.join(SHARDING_STRATEGIES)}) pair")
+def _validate_regex_rules(key: str, rules, what: str, valid) -> None:
+  """(regex, value) pairs: each a pair, a valid regex and a valid value."""
+  for rule in rules:
+    if len(rule) != 2 or not valid(rule[1]):
+      raise ValueError(f"config {key}: {tuple(rule)} is not a (regex, {what}) pair")
     try:
       re.compile(rule[0])
     except re.error as e:
-      raise ValueError(f"config sharding.rules: bad regex {rule[0]!r}: {e}") from None
+      raise ValueError(f"config {key}: bad regex {rule[0]!r}: {e}") from None
+
+
+def _validate_sharding(sharding_config) -> None:
+  _validate_regex_rules("sharding.rules", sharding_config.rules,
+                        " | ".join(SHARDING_STRATEGIES), lambda value: value in SHARDING_STRATEGIES)
   if sharding_config.min_size < 0:
     raise ValueError(f"config sharding.min_size: must be >= 0, got {sharding_config.min_size}")
 

@@ -15,7 +15,7 @@ import pytest
 
 from sjmae_jax import checkpointing, engine, trainer
 from sjmae_jax.evaluation import finetune, linear_probe
-from tests.helpers import REPO, load_config, tiny_config, train_env, wait_until
+from tests.helpers import REPO, load_config, override, tiny_config, train_env, wait_until
 
 EPOCHS = 4  # of 11 (fine-tune) or 5 (probe) steps: long enough to be stopped in the middle
 
@@ -39,18 +39,8 @@ def program_config(name, pretrained, **overrides):
   config = load_config(name)
   config.unlock()
   config.init_from = str(pretrained)
-  settings = {"epochs": EPOCHS, "log_every_steps": 1, **PROGRAMS[name][2], **overrides}
-  for key, value in settings.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
-def flag_value(value):
-  return str(value)
+  return override(config, {"epochs": EPOCHS, "log_every_steps": 1, **PROGRAMS[name][2],
+                           **overrides})
 
 
 def command(name, workdir, pretrained, **overrides):
@@ -58,7 +48,7 @@ def command(name, workdir, pretrained, **overrides):
   settings = {"epochs": EPOCHS, "log_every_steps": 1, **defaults, **overrides}
   return [sys.executable, str(REPO / script), f"--config={REPO / 'configs' / name}.py",
           f"--workdir={workdir}", f"--config.init_from={pretrained}",
-          *[f"--config.{key}={flag_value(value)}" for key, value in settings.items()]]
+          *[f"--config.{key}={value}" for key, value in settings.items()]]
 
 
 def quietly(function, *args):

@@ -131,39 +131,21 @@ def test_kill_9_at_any_moment_then_the_same_command_gives_identical_params(tmp_p
   assert_identical(reference_params, final_params(workdir))
 
 
-def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path, reference_params):
+@pytest.mark.parametrize("signum,status,said", [(signal.SIGTERM, 0, "SIGTERM"),
+                                                 (signal.SIGINT, 130, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_exits_in_one_line(
+    tmp_path, reference_params, signum, status, said):
   workdir = tmp_path / "run"
   process = start_train(workdir, tmp_path / "log", overrides=RUN)  # periodic saves: never
   try:
     wait_until(lambda: "step 5/" in process.stdout_path.read_text(), process, what="step 5")
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=600) == 0, process.stderr_path.read_text()[-3000:]
-  finally:
-    process.kill()
-  stopped = re.search(r"Stopped by SIGTERM at step (\d+)", process.stdout_path.read_text())
-  step = int(stopped.group(1))
-  assert 5 < step < TOTAL_STEPS
-  assert latest_step(workdir) == step
-  assert not partial_saves(workdir) and not (workdir / "summary.json").exists()
-
-  result = run_train(workdir, overrides=RUN)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"from step {step};" in result.stdout
-  assert_identical(reference_params, final_params(workdir))
-
-
-def test_ctrl_c_finishes_the_step_saves_it_and_exits_130_in_one_line(tmp_path, reference_params):
-  workdir = tmp_path / "run"
-  process = start_train(workdir, tmp_path / "log", overrides=RUN)  # periodic saves: never
-  try:
-    wait_until(lambda: "step 5/" in process.stdout_path.read_text(), process, what="step 5")
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=600) == 130, process.stderr_path.read_text()[-3000:]
+    process.send_signal(signum)
+    assert process.wait(timeout=600) == status, process.stderr_path.read_text()[-3000:]
   finally:
     process.kill()
   stdout, stderr = process.stdout_path.read_text(), process.stderr_path.read_text()
   assert "Traceback" not in stderr and not error_lines(stderr), stderr[-3000:]
-  stopped = re.findall(r"Stopped by Ctrl-C at step (\d+): checkpoint saved in .*; run the same "
+  stopped = re.findall(rf"Stopped by {said} at step (\d+): checkpoint saved in .*; run the same "
                        r"command to resume", stdout)
   assert len(stopped) == 1, stdout
   step = int(stopped[0])

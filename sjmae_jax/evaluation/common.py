@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from sjmae_jax import checkpointing, config_lib, interop, paths
+from sjmae_jax import checkpointing, config_lib, data, engine, interop, optim, paths, sharding
 from sjmae_jax.models.classifier import ViTClassifier
 from sjmae_jax.models.vit import vit_kwargs
 from sjmae_jax.train_state import DTYPES
@@ -98,3 +98,17 @@ def put_encoder(state, shardings, encoder_params, global_pool: str, keys=("param
 def with_config(summary: dict, config) -> dict:
   """What results.json holds: the numbers and the full config."""
   return dict(summary, config=json.loads(config.to_json_best_effort()))
+
+
+def state_shapes(config, init_state):
+  """Shapes of the train state of `init_state` under config's optimizer (no data read)."""
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
+  return engine.abstract_train_state(init_state, tx)
+
+
+def training(config, start_step: int):
+  """(train data positioned at start_step, optimizer, schedule, mesh) of an evaluation program."""
+  train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
+                                         seed=config.seed, start_step=start_step)
+  tx, schedule = optim.make_optimizer(config, train_data.steps_per_epoch)
+  return train_data, tx, schedule, sharding.make_mesh(config.mesh)

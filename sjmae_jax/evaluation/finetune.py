@@ -12,7 +12,7 @@ results.json.
 """
 import jax
 
-from sjmae_jax import data, engine, evaluation, optim, paths, sharding
+from sjmae_jax import data, engine, evaluation, optim, paths
 from sjmae_jax.evaluation import common, mixup
 from sjmae_jax.objectives.losses import softmax_cross_entropy
 
@@ -64,16 +64,9 @@ def program(config) -> engine.Program:
       state["ema_params"] = params
     return state
 
-  def abstract_state():
-    tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
-    return engine.abstract_train_state(init_state, tx)
-
   def build(start_step):
-    train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
-                                           seed=config.seed, start_step=start_step)
+    train_data, tx, schedule, mesh = common.training(config, start_step)
     steps_per_epoch = train_data.steps_per_epoch
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch)
-    mesh = sharding.make_mesh(config.mesh)
     monitors = evaluation.build_monitors(
         without_ema_monitors(config), mesh, steps_per_epoch=steps_per_epoch,
         features_fn=lambda state, images: classifier.apply(
@@ -115,7 +108,8 @@ def program(config) -> engine.Program:
         after_init=after_init, summary_file="results.json", keep_best="eval/top1",
         finalize=finalize)
 
-  return engine.Program(config, abstract_state=abstract_state, build=build)
+  return engine.Program(config, abstract_state=lambda: common.state_shapes(config, init_state),
+                        build=build)
 
 
 def without_ema_monitors(config):

@@ -180,16 +180,9 @@ def program(config) -> engine.Program:
     return head.apply({"params": state["params"][HEAD], "batch_stats": state["batch_stats"]},
                       features(state["params"], images), train=False)
 
-  def abstract_state():
-    tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
-    return engine.abstract_train_state(init_state, tx)
-
   def build(start_step):
-    train_data = data.build_train_pipeline(config.data, global_batch_size=config.batch_size,
-                                           seed=config.seed, start_step=start_step)
+    train_data, tx, schedule, mesh = common.training(config, start_step)
     steps_per_epoch = train_data.steps_per_epoch
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch)
-    mesh = sharding.make_mesh(config.mesh)
     monitors = evaluation.build_monitors(config, mesh, steps_per_epoch=steps_per_epoch,
                                          logits_fn=logits)
     encoder_params = load_encoder()
@@ -219,7 +212,8 @@ def program(config) -> engine.Program:
         after_init=lambda state, shardings: common.put_encoder(state, shardings, encoder_params,
                                                                config.global_pool))
 
-  return engine.Program(config, abstract_state=abstract_state, build=build)
+  return engine.Program(config, abstract_state=lambda: common.state_shapes(config, init_state),
+                        build=build)
 
 
 def fast_probe(config, classifier, encoder_params, mesh) -> dict:
