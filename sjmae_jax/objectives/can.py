@@ -28,6 +28,7 @@ from sjmae_jax.models.heads import ProjectionMLP
 from sjmae_jax.models.vit import VisionTransformer, patchify, xavier_uniform
 from sjmae_jax.objectives import base, contrastive
 from sjmae_jax.objectives.masking import random_masking
+from sjmae_jax.objectives.reconstruction import read_with_decoder
 from sjmae_jax.objectives.reconstruction import (DecoderConfig, build_decoder, patch_targets,
                                                  reconstruction_picture, removed_patch_mse)
 
@@ -104,11 +105,8 @@ class CANConfig:
 
   @classmethod
   def from_config(cls, config) -> "CANConfig":
-    settings = base.read_block(config, "can", cls, encoder=base.encoder_kwargs(config),
-                               decoder=None)
-    if settings.use_mae or settings.use_noise:
-      settings = dataclasses.replace(settings, decoder=DecoderConfig.from_config(config))
-    return settings
+    return read_with_decoder(config, "can", cls,
+                             lambda settings: settings.use_mae or settings.use_noise)
 
 
 @objectives.register("can")

@@ -21,7 +21,7 @@ Targets: 'pixels' (norm-pix MSE of the predicted patches, default) or 'tokens' (
 over the ids a k-means tokenizer gives the teacher's patch features; see sjmae_jax/tokenizers).
 """
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax

@@ -35,6 +35,16 @@ class DecoderConfig:
     return base.read_block(config, "decoder", cls)
 
 
+def read_with_decoder(config, block: str, cls, uses_decoder, field: str = "decoder"):
+  """The method block `block` read into `cls` (see base.read_block), with `field` read from the
+  `decoder` block when `uses_decoder(settings)`: a method that decodes nothing needs none."""
+  settings = base.read_block(config, block, cls, encoder=base.encoder_kwargs(config),
+                             **{field: None})
+  if uses_decoder(settings):
+    settings = dataclasses.replace(settings, **{field: DecoderConfig.from_config(config)})
+  return settings
+
+
 def build_decoder(decoder: DecoderConfig, encoder_kwargs: dict, dtype) -> MAEDecoder:
   """The MAE decoder (submodule name 'decoder') for an encoder of `encoder_kwargs`; it shares the
   encoder's attention implementation and fast-path levers."""

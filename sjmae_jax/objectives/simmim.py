@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from sjmae_jax import objectives
 from sjmae_jax.models.vit import Block, VisionTransformer, torch_default_bias_init, xavier_uniform
 from sjmae_jax.objectives import base
+from sjmae_jax.objectives.reconstruction import read_with_decoder
 from sjmae_jax.objectives.reconstruction import (DecoderConfig, patch_targets,
                                                  reconstruction_picture)
 
@@ -134,11 +135,8 @@ class SimMIMConfig:
 
   @classmethod
   def from_config(cls, config) -> "SimMIMConfig":
-    settings = base.read_block(config, "simmim", cls, encoder=base.encoder_kwargs(config),
-                               transformer=None)
-    if settings.decoder == "transformer":
-      settings = dataclasses.replace(settings, transformer=DecoderConfig.from_config(config))
-    return settings
+    return read_with_decoder(config, "simmim", cls,
+                             lambda settings: settings.decoder == "transformer", field="transformer")
 
 
 @objectives.register("simmim")

@@ -24,6 +24,7 @@ from sjmae_jax.objectives import base, contrastive
 from sjmae_jax.objectives.jigsaw import jigsaw_picture
 from sjmae_jax.objectives.losses import softmax_cross_entropy
 from sjmae_jax.objectives.masking import random_masking
+from sjmae_jax.objectives.reconstruction import read_with_decoder
 from sjmae_jax.objectives.reconstruction import (DecoderConfig, build_decoder,
                                                  reconstruction_from_tokens,
                                                  reconstruction_picture)
@@ -75,11 +76,7 @@ class SJMAEConfig:
 
   @classmethod
   def from_config(cls, config) -> "SJMAEConfig":
-    settings = base.read_block(config, "sjmae", cls, encoder=base.encoder_kwargs(config),
-                               decoder=None)
-    if "mae" in settings.active:
-      settings = dataclasses.replace(settings, decoder=DecoderConfig.from_config(config))
-    return settings
+    return read_with_decoder(config, "sjmae", cls, lambda settings: "mae" in settings.active)
 
 
 @objectives.register("sjmae")

@@ -27,6 +27,7 @@ from sjmae_jax.models.vit import VisionTransformer, xavier_uniform
 from sjmae_jax.objectives import base
 from sjmae_jax.objectives.losses import softmax_cross_entropy
 from sjmae_jax.objectives.masking import Masking, num_kept
+from sjmae_jax.objectives.reconstruction import read_with_decoder
 from sjmae_jax.objectives.reconstruction import (DecoderConfig, build_decoder, patch_targets,
                                                  reconstruction_picture, removed_patch_mse)
 
@@ -67,11 +68,7 @@ class SSATConfig:
 
   @classmethod
   def from_config(cls, config) -> "SSATConfig":
-    settings = base.read_block(config, "ssat", cls, encoder=base.encoder_kwargs(config),
-                               decoder=None)
-    if settings.use_mae:
-      settings = dataclasses.replace(settings, decoder=DecoderConfig.from_config(config))
-    return settings
+    return read_with_decoder(config, "ssat", cls, lambda settings: settings.use_mae)
 
 
 def check_views_fit(num_patches: int, mask_ratio: float, num_views: int) -> None:
