@@ -59,6 +59,13 @@ def test_knn_subset_of_a_class_sorted_folder_covers_every_class(tmp_path):
   assert sorted(loaded.labels.tolist()) == [0, 0, 1, 1, 2, 2]
   assert knn.balanced_subset(cfg, "train", 0) == "train"
   assert knn.balanced_subset(cfg, "test", 100) == "test"
+  # Of an expression (the README's short CIFAR run probes train[:10%]): positions map back.
+  expression = knn.balanced_subset(cfg, "test+train[5:25]", 9)  # test holds 4 of each class
+  assert expression == "test[0:3]+test[4:7]+test[8:11]"
+  expression = knn.balanced_subset(cfg, "train[5:25]+test", 9)  # starts with 5 a's, 10 b's
+  assert expression == "train[5:8]+train[10:13]+train[20:23]"
+  loaded = data.sources.open_source(cfg).load(expression, True)
+  assert sorted(loaded.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------

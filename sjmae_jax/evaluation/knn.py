@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from sjmae_jax import data, sharding
-from sjmae_jax.data.sources import ArraySplit, FileSplit, open_source
+from sjmae_jax.data.sources import ArraySplit, FileSplit, open_source, slice_indices
 
 
 def knn_scores(train_features, train_labels, test_features, num_classes: int, k: int = 20,
@@ -50,29 +50,52 @@ def balanced_subset(data_config, split: str, num: int) -> str:
 
   The first `num` examples when they hold every class at least at half its share (shuffled
   sources, e.g. TFDS); otherwise the first ceil(num / C) examples of each class as contiguous
-  ranges (class-sorted sources such as ImageFolder copies of CIFAR). `num` <= 0 or at least the
-  split's size: the whole split. Streamed splits (labels unknown up front): the first `num`.
+  ranges (class-sorted sources such as ImageFolder copies of CIFAR). `split` may itself be an
+  expression ('train[:10%]', 'train+test'). `num` <= 0 or at least the split's size: the whole
+  split. Streamed splits (labels unknown up front): the first `num`.
   """
   source = open_source(data_config)
   if num <= 0 or num >= source.num_examples(split):
     return split
-  if "[" in split or "+" in split:
-    raise data.DataError(f"config knn: cannot take a subset of the split expression {split!r}; "
-                         "use a named split or knn.num_train/num_eval = 0 (the whole split)")
+  plain = "[" not in split and "+" not in split
   loaded = source.load(split, data_config.cache)
   if not isinstance(loaded, (ArraySplit, FileSplit)):
-    return f"{split}[:{num}]"
+    if plain:
+      return f"{split}[:{num}]"
+    raise data.DataError(f"config monitors: cannot take {num} examples of the streamed split "
+                         f"expression {split!r}; use a named split, or num_train / num_eval 0 "
+                         "(the whole split)")
   labels = np.asarray(loaded.labels)
   classes = np.unique(labels)
   quota = math.ceil(num / len(classes))
   totals = {c: int(np.sum(labels == c)) for c in classes}
   first = labels[:num]
   if all(np.sum(first == c) >= 0.5 * min(quota, totals[c]) for c in classes):
-    return f"{split}[:{num}]"
-  chosen = np.sort(np.concatenate([np.flatnonzero(labels == c)[:quota] for c in classes]))
-  breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
-  ranges = [(run[0], run[-1] + 1) for run in np.split(chosen, breaks)]
-  return "+".join(f"{split}[{start}:{stop}]" for start, stop in ranges)
+    if plain:
+      return f"{split}[:{num}]"
+    chosen = np.arange(num)
+  else:
+    chosen = np.sort(np.concatenate([np.flatnonzero(labels == c)[:quota] for c in classes]))
+  return positions_expression(split, chosen, source.num_examples)
+
+
+def positions_expression(split: str, positions, split_sizes) -> str:
+  """The split expression of the examples at sorted `positions` of the expression `split`:
+  contiguous runs within one named split become 'name[start:stop]', joined by '+'."""
+  names, indices = [], []
+  offset = 0
+  for name, start, stop in slice_indices(split, split_sizes):
+    mine = positions[(positions >= offset) & (positions < offset + stop - start)]
+    names += [name] * len(mine)
+    indices.append(mine - offset + start)
+    offset += stop - start
+  indices = np.concatenate(indices)
+  parts, begin = [], 0
+  for end in range(1, len(indices) + 1):
+    if end == len(indices) or names[end] != names[begin] or indices[end] != indices[end - 1] + 1:
+      parts.append(f"{names[begin]}[{indices[begin]}:{indices[end - 1] + 1}]")
+      begin = end
+  return "+".join(parts)
 
 
 class KnnMonitor:
