@@ -391,6 +391,11 @@ def write_parameter_table(workdir, params) -> int:
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
+def shown(value) -> str:
+  """A metric on the console: counts as they are, fractions to 4 decimals."""
+  return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
 def write_metrics(writer, step: int, metrics) -> dict:
   scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
   writer.write_scalars(step, scalars)
@@ -578,7 +583,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
         if best is not None and best.update(step, results, state["params"]):
           results[f"best {best.metric}"] = results[best.metric]
         if is_main:
-          progress.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+          progress.print(f"step {step}: " + ", ".join(f"{k} {shown(v)}" for k, v in results.items()))
       stopped = preemption.reached(step)
       if stopped or step == stop_step or checkpointer.should_save(step):
         if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
@@ -626,7 +631,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
     summary_path = workdir / task.summary_file
     checkpointing.write_text_atomically(summary_path, json.dumps(summary, indent=2, sort_keys=True))
     results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
-                        + [f"{k} {v:.4f}" for k, v in monitor_metrics.items()])
+                        + [f"{k} {shown(v)}" for k, v in monitor_metrics.items()])
     lines = [f"Done at step {step} of {total_steps} in {console.duration(wall_seconds)}: {results}",
              f"  checkpoints:  {paths.shown(checkpointer.directory)}",
              f"  summary:      {paths.shown(summary_path)}",
