@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sjmae_jax import checkpointing, data, engine, interop, optim, sharding, trainer
-from sjmae_jax.evaluation import common, finetune, knn, linear_probe
+from sjmae_jax.evaluation import common, fast_probe, finetune, knn, linear_probe
 from sjmae_jax.interop.convert import flatten
 from tests.helpers import REPO, load_config, tiny_config
 
@@ -130,7 +130,7 @@ def test_probe_from_an_exported_weights_file(pretrained, tmp_path):
 
 
 def test_linear_probe_head_is_bn_without_affine_and_a_small_linear_layer():
-  head = linear_probe.ProbeHead(10)
+  head = fast_probe.ProbeHead(10)
   variables = head.init(jax.random.PRNGKey(0), np.zeros((4, 192), np.float32), train=False)
   assert set(variables["params"]) == {"head"}  # BatchNorm has no scale / bias
   assert set(variables["batch_stats"]["bn"]) == {"mean", "var"}

@@ -7,13 +7,14 @@ and its metrics go to TensorBoard and the summary. Types:
 
   knn                weighted kNN top-1 of features (knn.py): `knn/top1`
   classification     top-1 / top-5 of logits on a split (classification.py): `eval/top1`, ...
-  fast_linear_probe  a linear head trained on cached features (linear_probe.py): `fast_probe/top1`
+  fast_linear_probe  a linear head trained on cached features (fast_probe.py): `fast_probe/top1`
 
   linear_probe.py    MAE linear probe (frozen encoder, BN + linear head, LARS); eval_linprobe.py
   finetune.py        MAE fine-tuning (layer decay, mixup/cutmix, ...); eval_finetune.py
   common.py, mixup.py  their building blocks
 """
 from sjmae_jax import config_lib
+from sjmae_jax.evaluation import classification, fast_probe, knn
 
 
 def build_monitors(config, mesh, *, steps_per_epoch: int, features_fn=None, logits_fn=None) -> list:
@@ -23,9 +24,8 @@ def build_monitors(config, mesh, *, steps_per_epoch: int, features_fn=None, logi
   logits_fn(state, images) -> (B, C) logits (classification). A monitor whose function the
   program has not got fails here, in one line.
   """
-  from sjmae_jax.evaluation import classification, knn, linear_probe  # they import this package
   builders = {"knn": knn.KnnMonitor, "classification": classification.ClassificationMonitor,
-              "fast_linear_probe": linear_probe.FastProbeMonitor}
+              "fast_linear_probe": fast_probe.FastProbeMonitor}
   monitors = []
   for name, spec in config.get("monitors", {}).items():
     if spec.type not in builders:
