@@ -82,7 +82,8 @@ def pretraining_task(config, start_step: int) -> engine.Task:
             f"{encoder.img_size} px, {num_params / 1e6:.2f} M params, {config.compute_dtype}; "
             f"data {config.data.source} ({train_data.num_examples:,} train images)\n"
             f"{len(devices)} {devices[0].platform} device(s), global batch {config.batch_size}, "
-            f"{total_steps} steps ({config.epochs} epochs x {steps_per_epoch}), from step "
+            f"{total_steps} steps ({config.epochs} epoch{'' if config.epochs == 1 else 's'} x "
+            f"{steps_per_epoch}), from step "
             f"{start}; {memory}")
 
   return engine.Task(
