@@ -1,4 +1,4 @@
-"""The command-line programs: pretraining, linear probe, fine-tuning.
+"""The command-line programs: pretraining, linear probe, fine-tuning (and `sjmae_jax.plan`'s flags).
 
   python train.py --config configs/sjmae.py[:arg] --workdir DIR [--config.key=value ...]
   python eval_linprobe.py --config configs/linprobe.py[:arg] --workdir DIR --config.init_from=PATH
@@ -79,21 +79,25 @@ def last_line(error: BaseException) -> str:
   return re.sub(r"^\w+(Error|Exception): ", "", line)
 
 
-def print_help(doc: str) -> None:
-  print(doc)
-  print("Flags:")
-  for name in ("config", "workdir"):
-    print(f"  --{name}: {flags.FLAGS[name].help}")
-  print("  --verbosity: 0 shows the libraries' INFO logs (Orbax, TFDS, ...), 1 also debug logs; "
-        "by default only warnings of sjmae_jax and errors are shown.")
-  print("  --config.KEY=VALUE: set any key of the config (nested keys with dots); an unknown key "
-        "is an error.")
+def print_help(doc: str, flag_names) -> None:
+  lines = [doc, "Flags:"]
+  lines += [f"  --{name}: {flags.FLAGS[name].help}" for name in flag_names]
+  lines += ["  --verbosity: 0 shows the libraries' INFO logs (Orbax, TFDS, ...), 1 also debug logs; "
+            "by default only warnings of sjmae_jax and errors are shown.",
+            "  --config.KEY=VALUE: set any key of the config (nested keys with dots); an unknown key "
+            "is an error."]
+  try:
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+  except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def parse_flags(argv, doc: str):
-  """absl flag parsing with one `error:` line instead of a traceback for a bad --config."""
+def parse_flags(argv, doc: str, flag_names=("config", "workdir")):
+  """absl flag parsing with one `error:` line instead of a traceback for a bad --config; --help
+  prints `doc` and the program's own flags (`flag_names`), exit 0."""
   if any(arg in HELP_FLAGS for arg in argv[1:]):
-    print_help(doc)
+    print_help(doc, flag_names)
     sys.exit(0)
   try:
     return flags.FLAGS(argv)
@@ -122,7 +126,7 @@ def loaded_config(config_flag):
     fail(f"--config: {last_line(e)}")
 
 
-def run(main, doc: str):
+def run(main, doc: str, flag_names=("config", "workdir")):
   """app.run(main) with our flag parsing, a quiet console and a one-line Ctrl-C abort."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -136,7 +140,7 @@ def run(main, doc: str):
       fail("interrupted (Ctrl-C): stopped at once, without saving; the same command resumes from "
            "the last complete checkpoint", INTERRUPTED)
 
-  app.run(main_with_console, flags_parser=lambda argv: parse_flags(argv, doc))
+  app.run(main_with_console, flags_parser=lambda argv: parse_flags(argv, doc, flag_names))
 
 
 def _program(doc: str, workdir_help: str, body):

@@ -1,6 +1,6 @@
 """Per-device memory of a training run on a (data, fsdp) mesh, computed without any device.
 
-  python -m sjmae_jax.plan --config configs/mae.py:model=vit_large,data=imagenet2012 \
+  python -m sjmae_jax.plan --config configs/mae.py:model=vit_large,data=imagenet2012 \\
       --devices 32 --config.mesh.data=8 --config.mesh.fsdp=4 [--device_memory_gib 32]
 
 It takes train.py's --config and --config.key=value flags, so a planned run is started by the
@@ -28,15 +28,14 @@ gradients): keep 20-30% of the device's memory free.
 import dataclasses
 import math
 import os
-import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.extend import core as jax_core
 from ml_collections import config_flags
 
-from sjmae_jax import objectives, sharding, train_state
+from sjmae_jax import cli, objectives, sharding, train_state
 from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import vit_kwargs
 
@@ -188,18 +187,16 @@ def main(argv, config_flag, devices_flag, device_memory_flag):
   del argv
   # The plan needs no accelerator, and must not take a TPU that a training run holds.
   jax.config.update("jax_platforms", "cpu")
-  config = config_flag.value
+  config = cli.loaded_config(config_flag)
   num_devices = devices_flag.value
   if not num_devices:
     if -1 in (config.mesh.data, config.mesh.fsdp):
-      print("error: --devices is needed when config.mesh.data or mesh.fsdp is -1", file=sys.stderr)
-      sys.exit(2)
+      cli.fail("--devices is needed when config.mesh.data or mesh.fsdp is -1")
     num_devices = config.mesh.data * config.mesh.fsdp
   try:
     plan = make_plan(config, num_devices)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   print(format_plan(plan, device_memory_flag.value))
 
 
@@ -213,7 +210,8 @@ def cli_main():
   device_memory_flag = flags.DEFINE_float("device_memory_gib", 0.0, "Memory of one device, to "
                                           "say whether the run fits (16 v5e, 32 v4, 80 H100).")
   flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: main(argv, config_flag, devices_flag, device_memory_flag))
+  cli.run(lambda argv: main(argv, config_flag, devices_flag, device_memory_flag), __doc__,
+          ("config", "devices", "device_memory_gib"))
 
 
 if __name__ == "__main__":

@@ -124,12 +124,27 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
   assert missing.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval_linprobe.py", "eval_finetune.py"])
-def test_help_lists_the_flags_and_exits_0(script):
-  result = run([sys.executable, str(REPO / script), "--help"], REPO)
+@pytest.mark.parametrize("program, own_flags", [
+    (["train.py"], ("--workdir:",)), (["eval_linprobe.py"], ("--workdir:",)),
+    (["eval_finetune.py"], ("--workdir:",)),
+    (["-m", "sjmae_jax.plan"], ("--devices:", "--device_memory_gib:"))])
+def test_help_lists_the_flags_and_exits_0(program, own_flags):
+  script = [str(REPO / program[0])] if program[0].endswith(".py") else program
+  result = run([sys.executable, *script, "--help"], REPO)
   assert result.returncode == 0, result.stderr[-2000:]
-  for flag in ("--config:", "--workdir:", "--verbosity:", "--config.KEY=VALUE"):
+  for flag in ("--config:", "--verbosity:", "--config.KEY=VALUE", *own_flags):
     assert flag in result.stdout
+
+
+def test_help_into_a_closed_pipe_has_no_traceback():
+  """`python train.py --help | head -3`: the reader stops early; no BrokenPipeError traceback."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--help"], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process.stdout.close()  # before the help is written: every write fails with EPIPE
+  stderr = process.stderr.read()
+  assert process.wait(timeout=120) == 0, stderr[-2000:]
+  assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
 
 
 def test_the_package_builds_with_its_dependencies_and_console_scripts(tmp_path):
