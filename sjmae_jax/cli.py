@@ -1,4 +1,4 @@
-"""The command-line programs: pretraining, linear probe, fine-tuning (and `sjmae_jax.plan`'s flags).
+"""The command-line programs: pretraining, linear probe, fine-tuning (and the plan's flags).
 
   python train.py --config configs/sjmae.py[:arg] --workdir DIR [--config.key=value ...]
   python eval_linprobe.py --config configs/linprobe.py[:arg] --workdir DIR --config.init_from=PATH
