@@ -71,8 +71,8 @@ class Task:
 
 @dataclasses.dataclass
 class Program:
-  """A training program: `abstract_state()` (shapes only, no data read) for the checkpoint check;
-  `build(start_step)` the Task."""
+  """A training program: `abstract_state()` the whole train state's shapes (`abstract_train_state`;
+  no data read) for the checkpoint check; `build(start_step)` the Task."""
   config: Any
   abstract_state: Callable
   build: Callable
@@ -98,16 +98,9 @@ def resume_step(workdir, abstract_state, config) -> int:
   found = checkpointing.Checkpointer(workdir, read_only=True)
   step = found.latest_step() or 0
   if step:
-    checkpointing.check_compatible(found, step, full_abstract_state(abstract_state), workdir,
-                                   config)
+    checkpointing.check_compatible(found, step, abstract_state, workdir, config)
   found.close()
   return step
-
-
-def full_abstract_state(program_state) -> dict:
-  """Shapes of the engine's bookkeeping around a program's state (see `with_bookkeeping`)."""
-  return dict(program_state, step=jax.ShapeDtypeStruct((), jnp.int32),
-              nonfinite_steps=jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def with_bookkeeping(state, tx) -> dict:

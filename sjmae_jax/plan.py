@@ -10,9 +10,9 @@ holds the chips) and nothing is compiled: everything is traced on abstract array
 
 Counted per device:
   params, optimizer state, batch_stats/step/rng: exact. The train state's shapes come from
-    jax.eval_shape (train_state.abstract_train_state) and each array is cut by the PartitionSpec that
-    train.py gives it (sharding.partition_specs, the same rules): a dimension sharded over fsdp is
-    divided by the fsdp size, the rest is replicated.
+    jax.eval_shape (train_state.abstract_train_state) and each array is cut by the
+    PartitionSpec that train.py gives it (sharding.partition_specs, the same rules): a dimension
+    sharded over fsdp is divided by the fsdp size, the rest is replicated.
   gradients: a params-sized tree sharded like the params, plus the accumulator when
     grad_accum_steps > 1.
   activations: what jax.vjp of the training loss keeps for the backward pass (its residuals),

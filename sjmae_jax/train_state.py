@@ -1,7 +1,5 @@
 """The pretraining model and its train state: the objective of `config.method`, the shape of a
 pretraining batch, a fresh state. Shared by the trainer and the memory plan."""
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -51,7 +49,7 @@ def abstract_train_state(config):
   """Shapes/dtypes of the train state (no computation, no devices needed)."""
   model = build_model(config)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
-  return jax.eval_shape(functools.partial(init_state, model, tx, config), jax.random.PRNGKey(0))
+  return engine.abstract_train_state(lambda rng: model_state(model, config, rng), tx)
 
 
 def make_loss_fn(model):

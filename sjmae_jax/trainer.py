@@ -39,16 +39,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   objectives.check(config)
   if config.init_from and not epath.Path(config.init_from).exists():
     raise FileNotFoundError(f"config init_from: {paths.shown(config.init_from)} does not exist")
-  program = engine.Program(config, abstract_state=lambda: model_state_shapes(config),
+  program = engine.Program(config, abstract_state=lambda: abstract_train_state(config),
                            build=lambda start_step: pretraining_task(config, start_step))
   return engine.run(program, workdir)
-
-
-def model_state_shapes(config):
-  """The train state's shapes (no data, no devices), for the check against existing checkpoints."""
-  model = build_model(config)
-  tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
-  return engine.abstract_train_state(lambda rng: model_state(model, config, rng), tx)
 
 
 def pretraining_task(config, start_step: int) -> engine.Task:

@@ -13,10 +13,10 @@ that `interop.load_pretrained` reads (timm / MAE .safetensors, .pth, .bin), or a
 tower (`vit_*_clip_*`, recognised by its `norm_pre`). Every teacher is a models.vit
 VisionTransformer; a CLIP tower is one with CLIP's switches (`CLIP_TOWER`: a LayerNorm before
 the blocks, no patch-embedding bias, LayerNorm eps 1e-5, and QuickGELU for OpenAI's weights,
-exact GELU for LAION's). The teacher always yields one
-token per patch of the student: its input size is the student's patch grid times the teacher's
-own patch size (images are resized to it, the position embedding is resampled), and images are
-re-normalised from the data's mean/std to the teacher's.
+exact GELU for LAION's). The teacher always yields one token per patch of the student: its input
+size is the student's patch grid times the teacher's own patch size (images are resized to it,
+the position embedding is resampled), and images are re-normalised from the data's mean/std to
+the teacher's.
 """
 import dataclasses
 import json
