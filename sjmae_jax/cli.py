@@ -13,6 +13,7 @@ current step with a checkpoint (exit 130 / 0; a second Ctrl-C aborts at once).
 import os
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -56,8 +57,9 @@ DIR/best.
 def define_flags(workdir_help: str):
   """(--config, --workdir) flag holders; --config is `path[:arg]` plus `--config.key=value`."""
   config = config_flags.DEFINE_config_file(
-      "config", None, "Config file, `path[:arg]` (e.g. configs/sjmae.py:data=cifar10); any of its "
-      "keys is set with --config.KEY=VALUE.", lock_config=True)
+      "config", None, "Config: a shipped config's name or a config file, with an optional "
+      "`:arg` (sjmae, sjmae:data=cifar10, configs/sjmae.py:data=cifar10, my_config.py); any of "
+      "its keys is set with --config.KEY=VALUE.", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
   return config, workdir
@@ -99,6 +101,7 @@ def parse_flags(argv, doc: str, flag_names=("config", "workdir")):
   if any(arg in HELP_FLAGS for arg in argv[1:]):
     print_help(doc, flag_names)
     sys.exit(0)
+  argv = with_config_paths(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: unknown --config.<key>
@@ -114,6 +117,41 @@ def parse_flags(argv, doc: str, flag_names=("config", "workdir")):
     fail(last_line(e))
   except (ValueError, TypeError, OSError) as e:  # get_config raised (e.g. an unknown arg key)
     fail(f"--config: {last_line(e)}")
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped with the package
+
+
+def shipped_configs() -> list:
+  return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(value: str) -> str:
+  """A --config value as a config file `path[:arg]`: a file that exists as it is; a bare name
+  (`sjmae`, `sjmae:data=cifar10`) the config of that name shipped with the package."""
+  path, colon, arg = value.partition(":")
+  named = Path(path).stem
+  if os.path.exists(path):
+    return value
+  if "/" in path or path.endswith(".py"):
+    hint = (f"; the shipped config of that name is --config {named}{colon}{arg}"
+            if named in shipped_configs() else "")
+    fail(f"--config: no such file {path!r} (from {os.getcwd()}){hint}")
+  if path not in shipped_configs():
+    fail(f"--config: no config file or shipped config named {path!r}; the shipped configs are "
+         f"{', '.join(shipped_configs())} (or give a path to a config file)")
+  return f"{CONFIGS_DIR / path}.py{colon}{arg}"
+
+
+def with_config_paths(argv) -> list:
+  """argv with a bare config name in `--config NAME` / `--config=NAME` made a path."""
+  argv = list(argv)
+  for index, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[index] = "--config=" + config_path(arg.split("=", 1)[1])
+    elif arg == "--config" and index + 1 < len(argv):
+      argv[index + 1] = config_path(argv[index + 1])
+  return argv
 
 
 def loaded_config(config_flag):
@@ -136,9 +174,9 @@ def run(main, doc: str, flag_names=("config", "workdir")):
       console.quiet_logs()
     try:
       return main(argv)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first stops after the step, saving)
-      fail("interrupted (Ctrl-C): stopped at once, without saving; the same command resumes from "
-           "the last complete checkpoint", INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop's handler is in place
+      from sjmae_jax import engine
+      fail(engine.ABORTED_BY_CTRL_C, INTERRUPTED)
 
   app.run(main_with_console, flags_parser=lambda argv: parse_flags(argv, doc, flag_names))
 
@@ -187,3 +225,36 @@ def finetune_main():
     from sjmae_jax.evaluation import finetune
     finish(lambda: finetune.run(config, workdir))
   _program(FINETUNE_DOC, "Directory for results.json, checkpoints and TensorBoard logs.", body)
+
+
+
+def plan_main():
+  """`python -m sjmae_jax.plan` / `sjmae-plan`: the per-device memory of a config on a mesh."""
+  from sjmae_jax import plan
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Config, as train.py's --config (a shipped name or a file, `[:arg]`).",
+      lock_config=True)
+  devices_flag = flags.DEFINE_integer("devices", 0, "Number of devices to plan for (default: "
+                                      "mesh.data x mesh.fsdp when neither is -1).")
+  device_memory_flag = flags.DEFINE_float("device_memory_gib", 0.0, "Memory of one device, to "
+                                          "say whether the run fits (16 v5e, 32 v4, 80 H100).")
+  flags.mark_flags_as_required(["config"])
+
+  def main(argv):
+    del argv
+    # The plan needs no accelerator, and must not take a TPU that a training run holds.
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    config = loaded_config(config_flag)
+    num_devices = devices_flag.value
+    if not num_devices:
+      if -1 in (config.mesh.data, config.mesh.fsdp):
+        fail("--devices is needed when config.mesh.data or mesh.fsdp is -1")
+      num_devices = config.mesh.data * config.mesh.fsdp
+    try:
+      memory_plan = plan.make_plan(config, num_devices)
+    except ValueError as e:
+      fail(str(e))
+    print(plan.format_plan(memory_plan, device_memory_flag.value))
+
+  run(main, plan.__doc__, ("config", "devices", "device_memory_gib"))

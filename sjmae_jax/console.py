@@ -5,6 +5,7 @@ a second; anything else printed meanwhile goes above it. When stdout is a file o
 SLURM, nohup) the same facts come as one plain line every `log_every_steps` steps.
 """
 import logging
+import os
 import sys
 import time
 
@@ -28,11 +29,27 @@ class _ThirdPartyBelowError(logging.Filter):
 def quiet_logs() -> None:
   """Default console: our own warnings, the libraries' errors; no INFO lines."""
   absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _ThirdPartyBelowError) for f in handler.filters):
-    handler.addFilter(_ThirdPartyBelowError())
+  # On the logger, not only absl's handler: a program without absl's app.run (the export) logs
+  # through Python's own handlers ("WARNING:absl:Given directory is read only", Orbax opening a
+  # checkpoint to read it).
+  for filtered in (absl_logging.get_absl_handler(), logging.getLogger("absl")):
+    if not any(isinstance(f, _ThirdPartyBelowError) for f in filtered.filters):
+      filtered.addFilter(_ThirdPartyBelowError())
   for name in QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def exit_at_once(message: str, status: int) -> None:
+  """Ends the process now, from any thread: what stdout holds, then one `error:` line on stderr;
+  no exception to catch, no atexit handlers, no in-flight save awaited (Orbax's partial save is a
+  tmp directory that the next run deletes)."""
+  try:
+    sys.stdout.flush()
+  except Exception:  # a closed or broken stdout must not keep the process alive
+    pass
+  newline = "\n" if sys.stderr.isatty() else ""  # a live progress line may be half drawn there
+  os.write(2, f"{newline}error: {message}\n".encode())
+  os._exit(status)
 
 
 def duration(seconds: float) -> str:
@@ -50,14 +67,17 @@ class Progress:
   """Progress of a loop from start_step to end_step (default total_steps).
 
   `step(step)` after every step (cheap: no device sync; redraws at most `redraw_seconds` apart
-  on a terminal); `metrics(step, scalars)` when metrics were fetched (every log_every_steps):
+  on a terminal; off one, a plain line when `heartbeat_seconds` passed without one, whatever the
+  step cadence); `metrics(step, scalars)` when metrics were fetched (every log_every_steps):
   a plain line off a terminal, the loss shown in the live line on one; `print(text)` for any
-  other line. Throughput and ETA are measured from the second step on (the first compiles).
+  other line. The loss shown is the last one fetched: when it is not the shown step's, the line
+  names its step. Throughput and ETA are measured from the second step on (the first compiles).
   """
 
   def __init__(self, total_steps: int, start_step: int, *, steps_per_epoch: int,
                examples_per_step: int, end_step: int | None = None, stream=None,
-               live: bool | None = None, redraw_seconds: float = 0.25):
+               live: bool | None = None, redraw_seconds: float = 0.25,
+               heartbeat_seconds: float = 30.0):
     self.stream = stream or sys.stdout
     self.live = self.stream.isatty() if live is None else live
     self.total_steps = total_steps
@@ -65,26 +85,38 @@ class Progress:
     self.steps_per_epoch = steps_per_epoch
     self.examples_per_step = examples_per_step
     self.redraw_seconds = redraw_seconds
+    self.heartbeat_seconds = heartbeat_seconds
     self._timed_from = None  # (step, time) of the first finished step
     self._last_draw = -float("inf")
+    self._last_plain_line = None  # when the last plain line was written (off a terminal)
     self._line_shown = False
     self._step = start_step
     self._loss = None
+    self._loss_step = None
 
   def step(self, step: int) -> None:
     self._step = step
     now = time.monotonic()
     if self._timed_from is None:
       self._timed_from = (step, now)
-    if self.live and now - self._last_draw >= self.redraw_seconds:
-      self._draw(now)
+      self._last_plain_line = now
+    if self.live:
+      if now - self._last_draw >= self.redraw_seconds:
+        self._draw(now)
+    elif now - self._last_plain_line >= self.heartbeat_seconds:
+      self._plain_line(step, now)
 
   def metrics(self, step: int, scalars: dict) -> None:
-    self._loss = scalars.get("loss")
+    self._loss, self._loss_step = scalars.get("loss"), step
+    now = time.monotonic()
     if self.live:
-      self._draw(time.monotonic())
+      self._draw(now)
     else:
-      self._write(self.status(step) + "\n")
+      self._plain_line(step, now)
+
+  def _plain_line(self, step: int, now: float) -> None:
+    self._last_plain_line = now
+    self._write(self.status(step, now) + "\n")
 
   def print(self, text: str) -> None:
     if self._line_shown:
@@ -111,8 +143,11 @@ class Progress:
 
   def status(self, step: int, now: float | None = None) -> str:
     """'step 120/660: loss 7.1234 | epoch 11.0/60 | 512 img/s | ETA 3m10s'."""
-    parts = [f"step {step}/{self.total_steps}" + (f": loss {self._loss:.4f}"
-                                                  if self._loss is not None else "")]
+    loss = ""
+    if self._loss is not None:
+      loss = f": loss {self._loss:.4f}" + ("" if self._loss_step == step
+                                           else f" (step {self._loss_step})")
+    parts = [f"step {step}/{self.total_steps}{loss}"]
     epochs = self.total_steps / self.steps_per_epoch
     parts.append(f"epoch {step / self.steps_per_epoch:.1f}/{epochs:g}")
     rate = self.rate(now)

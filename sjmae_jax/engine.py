@@ -18,6 +18,7 @@ run changes nothing.
 import collections
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -34,6 +35,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sjmae_jax import checkpointing, config_lib, console, metric_writers, paths, sharding
+
+
+ABORTED_BY_CTRL_C = ("interrupted (Ctrl-C): stopped at once, without saving; the same command resumes "
+                     "from the last complete checkpoint")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -234,14 +239,20 @@ class PreemptionNotice:
 
   Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
   SIGTERM on any process and makes `reached_preemption_sync_point` true at the same step on all
-  of them (Ctrl-C there stays Python's KeyboardInterrupt). One process: Python handlers set a flag
-  that the loop reads after each step; a second Ctrl-C raises KeyboardInterrupt at once.
-  `received` names the signal ('SIGTERM' or 'SIGINT'), or is None.
+  of them (Ctrl-C there stays Python's KeyboardInterrupt). One process: a Python handler sets a
+  flag that the loop reads after each step, and a watcher thread (woken by the signal module's
+  wakeup fd, which the C-level handler writes at once even while the main thread is inside XLA)
+  prints the first Ctrl-C's notice and ends the process at a second Ctrl-C: one `error:` line,
+  exit 130, no exception (one raised from a handler lands wherever the interpreter happens to be,
+  inside a GC callback say, where Python swallows it). `received` names the signal ('SIGTERM' or
+  'SIGINT'), or is None.
   """
 
   def __init__(self, start_step: int):
     self.received = None
     self._previous_handlers = {}
+    self._previous_wakeup_fd = None
+    self._watcher = None
     self.mode = "jax" if jax.process_count() > 1 else "signal"
     if self.mode == "jax":
       try:  # registers the step the count starts from, as early as possible
@@ -251,18 +262,38 @@ class PreemptionNotice:
                         "last checkpoint")
         self.mode = "off"
     elif threading.current_thread() is threading.main_thread():
+      read_fd, write_fd = os.pipe()
+      os.set_blocking(write_fd, False)
+      self._wakeup_fds = (read_fd, write_fd)
+      self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
       for signum in (signal.SIGTERM, signal.SIGINT):
         self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+      self._watcher = threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                                       name="sjmae-signal-watcher")
+      self._watcher.start()
 
   def _on_signal(self, signum, frame):
     del frame
-    if signum == signal.SIGINT and self.received == "SIGINT":
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-      raise KeyboardInterrupt
-    if signum == signal.SIGINT:
-      print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again to abort at once)",
-            flush=True)
     self.received = self.received or signal.Signals(signum).name
+
+  def _watch(self, read_fd: int):
+    interrupts = 0
+    while True:
+      try:
+        signums = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not signums:  # close(): the write end is gone
+        return
+      for signum in signums:
+        if signum != signal.SIGINT:
+          continue
+        interrupts += 1
+        if interrupts == 1:
+          os.write(1, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again to "
+                      b"abort at once)\n")
+        else:
+          console.exit_at_once(ABORTED_BY_CTRL_C, status=130)
 
   def reached(self, step: int) -> bool:
     """True at the step to stop at; call after every step, on every process."""
@@ -277,6 +308,13 @@ class PreemptionNotice:
     for signum, handler in self._previous_handlers.items():
       signal.signal(signum, handler)
     self._previous_handlers = {}
+    if self._watcher is not None:
+      signal.set_wakeup_fd(self._previous_wakeup_fd)
+      read_fd, write_fd = self._wakeup_fds
+      os.close(write_fd)  # the watcher reads end-of-file and returns
+      self._watcher.join(timeout=10)
+      os.close(read_fd)
+      self._watcher = None
 
 
 class TimeBudget:

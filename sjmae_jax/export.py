@@ -90,8 +90,10 @@ def main(argv=None) -> int:
     parser.error("--out must end with .safetensors")
   workdir, out = paths.absolute(args.workdir), paths.absolute(args.out)
 
+  from sjmae_jax import console
   from sjmae_jax.checkpointing import load_params
   from sjmae_jax.models.vit import vit_kwargs
+  console.quiet_logs()
 
   try:
     params, config = load_params(workdir)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
   except (ValueError, OSError) as e:  # FileNotFoundError: no workdir / checkpoint
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.out} and {paths.shown(sidecar_path(out))}: {info}")
+  print(f"wrote {paths.shown(out)} and {paths.shown(sidecar_path(out))}: {info}")
   return 0
 
 

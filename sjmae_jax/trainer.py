@@ -5,6 +5,9 @@ objective's own config block, the workdir, existing checkpoints of the same mode
 memory) before anything is compiled or written, then hands the engine its Task: the objective's
 loss, the optimizer policy, the monitors of `config.monitors`, the objective's pictures.
 """
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 from etils import epath
@@ -92,9 +95,12 @@ def pretraining_task(config, start_step: int) -> engine.Task:
 def probe_hint(config, workdir) -> str:
   shown = paths.shown(workdir)
   data_arg = config.get("arg", {}).get("data", "digits")
-  probe_config = "configs/linprobe.py" + ("" if data_arg == "digits" else f":data={data_arg}")
-  return (f"  probe it:     python eval_linprobe.py --config {probe_config} --workdir {shown}_probe "
-          f"--config.init_from={shown}")
+  data = "" if data_arg == "digits" else f":data={data_arg}"
+  if os.path.basename(sys.argv[0]) == "train.py":  # in a clone, as the README runs it
+    program = f"python eval_linprobe.py --config configs/linprobe.py{data}"
+  else:  # the installed commands, from any folder
+    program = f"sjmae-linprobe --config linprobe{data}"
+  return f"  probe it:     {program} --workdir {shown}_probe --config.init_from={shown}"
 
 
 def check_memory(config, num_devices: int) -> str:

@@ -45,9 +45,42 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_other_lines_go_above_it(
   assert out.getvalue().endswith("\r\033[K")
 
 
+def test_off_a_terminal_a_line_comes_every_heartbeat_and_an_older_loss_names_its_step(
+    monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+  out = io.StringIO()
+  progress = console.Progress(1000, 0, steps_per_epoch=100, examples_per_step=10, stream=out,
+                              heartbeat_seconds=30.0)
+  progress.step(1)
+  progress.metrics(1, {"loss": 2.5})
+  for step in range(2, 30):  # 10 s a step, metrics every 100 steps: silent for minutes before
+    now[0] += 10.0
+    progress.step(step)
+  lines = out.getvalue().splitlines()
+  assert lines[0].startswith("step 1/1000: loss 2.5000 |")
+  assert [line.split(" |")[0] for line in lines[1:]] == [
+      f"step {step}/1000: loss 2.5000 (step 1)" for step in (4, 7, 10, 13, 16, 19, 22, 25, 28)]
+
+
+def test_on_a_terminal_the_live_line_names_the_step_of_an_older_loss(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+  out = Terminal()
+  progress = console.Progress(100, 0, steps_per_epoch=10, examples_per_step=8, stream=out)
+  progress.step(20)
+  progress.metrics(20, {"loss": 1.0})
+  assert out.getvalue().split("\r\033[K")[-1].startswith("step 20/100: loss 1.0000 |")
+  now[0] += 1.0
+  progress.step(25)
+  assert out.getvalue().split("\r\033[K")[-1].startswith("step 25/100: loss 1.0000 (step 20) |")
+
+
 def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors():
   handler = absl_logging.get_absl_handler()
+  absl_logger = logging.getLogger("absl")
   before_filters, before_level = list(handler.filters), absl_logging.get_verbosity()
+  before_logger_filters = list(absl_logger.filters)
   before_levels = {name: logging.getLogger(name).level for name in (*console.QUIET_LOGGERS, "absl")}
   try:
     console.quiet_logs()
@@ -57,8 +90,12 @@ def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors():
     assert keep(make(logging.ERROR, "/site-packages/orbax/checkpoint/manager.py"))
     assert keep(make(logging.WARNING, "/repo/sjmae_jax/data/sources.py"))
     assert absl_logging.get_verbosity() == absl_logging.WARNING
+    # Without absl's app.run (the export) records reach Python's handlers: the logger filters too.
+    assert not absl_logger.filter(make(logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
+    assert absl_logger.filter(make(logging.WARNING, "/repo/sjmae_jax/export.py"))
   finally:
     handler.filters[:] = before_filters
+    absl_logger.filters[:] = before_logger_filters
     absl_logging.set_verbosity(before_level)  # sets the absl logger's level: put it back too
     for name, level in before_levels.items():
       logging.getLogger(name).setLevel(level)

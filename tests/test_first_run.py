@@ -108,7 +108,7 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
   assert results["config"]["init_from"] == str(pretrained)  # resolved against the cwd
 
   tune = run([sys.executable, str(code / "eval_finetune.py"),
-              f"--config={code / 'configs/finetune.py'}", "--workdir=runs/ft",
+              "--config=finetune", "--workdir=runs/ft",  # a shipped config, by name
               f"--config.init_from={init_from}", "--config.epochs=1"], cwd)
   assert tune.returncode == 0, tune.stderr[-3000:]
   assert (cwd / "runs/ft/results.json").exists() and (cwd / "runs/ft/checkpoints").is_dir()
@@ -116,12 +116,33 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
   export = run([sys.executable, "-m", "sjmae_jax.export", f"--workdir={init_from}",
                 "--out=exports/encoder.safetensors"], cwd, code)
   assert export.returncode == 0, export.stderr[-3000:]
+  assert export.stderr == ""  # no library warning (Orbax: "Given directory is read only")
+  assert export.stdout.startswith("wrote exports/encoder.safetensors and exports/encoder.json: ")
   assert (cwd / "exports/encoder.safetensors").exists() and (cwd / "exports/encoder.json").exists()
 
   missing = run([sys.executable, "-m", "sjmae_jax.export", "--workdir=runs/nothing",
                  "--out=exports/x.safetensors"], cwd, code)
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert missing.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_configs_by_name_from_any_folder_and_unknown_names_list_the_known_ones(tmp_path):
+  plan = [sys.executable, "-m", "sjmae_jax.plan", "--devices=1"]
+  by_name = run([*plan, "--config", "sjmae:data=cifar10"], tmp_path, REPO)
+  assert by_name.returncode == 0, by_name.stderr[-3000:]
+  by_path = run([*plan, f"--config={REPO / 'configs/sjmae.py'}:data=cifar10"], tmp_path, REPO)
+  assert by_path.returncode == 0 and by_path.stdout == by_name.stdout  # the same config
+  assert by_name.stdout.startswith("sjmae ViT-Ti/4 (img 32)"), by_name.stdout  # data=cifar10 applied
+
+  unknown = run([*plan, "--config=sjmea"], tmp_path, REPO)
+  assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+  assert unknown.stderr.strip().splitlines() == [
+      "error: --config: no config file or shipped config named 'sjmea'; the shipped configs are "
+      "can, finetune, linprobe, mae, mapet, simmim, sjmae, ssat (or give a path to a config file)"]
+  missing = run([*plan, "--config=configs/sjmae.py"], tmp_path, REPO)  # a clone's path, elsewhere
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines()[-1].endswith(
+      "; the shipped config of that name is --config sjmae")
 
 
 @pytest.mark.parametrize("program, own_flags", [
@@ -163,6 +184,8 @@ def test_the_package_builds_with_its_dependencies_and_console_scripts(tmp_path):
     entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
   modules = {str(p.relative_to(REPO)) for p in (REPO / "sjmae_jax").rglob("*.py")}
   assert modules <= names, sorted(modules - names)
+  assert {f"sjmae_jax/configs/{name}.py" for name in ("sjmae", "mae", "linprobe", "finetune")} <= (
+      names)  # the configs ship with the package: --config NAME works after `pip install .`
 
   def requirements(name):
     lines = (REPO / name).read_text().splitlines()

@@ -1,6 +1,6 @@
 """Per-device memory of a training run on a (data, fsdp) mesh, computed without any device.
 
-  python -m sjmae_jax.plan --config configs/mae.py:model=vit_large,data=imagenet2012 \\
+  python -m sjmae_jax.plan --config mae:model=vit_large,data=imagenet2012 \\
       --devices 32 --config.mesh.data=8 --config.mesh.fsdp=4 [--device_memory_gib 32]
 
 It takes train.py's --config and --config.key=value flags, so a planned run is started by the
@@ -31,11 +31,9 @@ import os
 
 import jax
 import numpy as np
-from absl import flags
 from jax.extend import core as jax_core
-from ml_collections import config_flags
 
-from sjmae_jax import cli, objectives, sharding, train_state
+from sjmae_jax import objectives, sharding, train_state
 from sjmae_jax.models.sizes import SIZES
 from sjmae_jax.models.vit import vit_kwargs
 
@@ -181,38 +179,3 @@ def format_plan(plan: Plan, device_memory_gib: float = 0.0) -> str:
     verdict = f"fits, {left:.1f} GiB left" if left >= 0 else f"does NOT fit, {-left:.1f} GiB over"
     lines.append(f"  device memory {device_memory_gib:g} GiB: {verdict}")
   return "\n".join(lines)
-
-
-def main(argv, config_flag, devices_flag, device_memory_flag):
-  del argv
-  # The plan needs no accelerator, and must not take a TPU that a training run holds.
-  jax.config.update("jax_platforms", "cpu")
-  config = cli.loaded_config(config_flag)
-  num_devices = devices_flag.value
-  if not num_devices:
-    if -1 in (config.mesh.data, config.mesh.fsdp):
-      cli.fail("--devices is needed when config.mesh.data or mesh.fsdp is -1")
-    num_devices = config.mesh.data * config.mesh.fsdp
-  try:
-    plan = make_plan(config, num_devices)
-  except ValueError as e:
-    cli.fail(str(e))
-  print(format_plan(plan, device_memory_flag.value))
-
-
-def cli_main():
-  """`python -m sjmae_jax.plan` / `sjmae-plan`. Flags are defined only here, so importing this
-  module defines none."""
-  config_flag = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]), as "
-                                                "train.py.", lock_config=True)
-  devices_flag = flags.DEFINE_integer("devices", 0, "Number of devices to plan for (default: "
-                                      "mesh.data x mesh.fsdp when neither is -1).")
-  device_memory_flag = flags.DEFINE_float("device_memory_gib", 0.0, "Memory of one device, to "
-                                          "say whether the run fits (16 v5e, 32 v4, 80 H100).")
-  flags.mark_flags_as_required(["config"])
-  cli.run(lambda argv: main(argv, config_flag, devices_flag, device_memory_flag), __doc__,
-          ("config", "devices", "device_memory_gib"))
-
-
-if __name__ == "__main__":
-  cli_main()
