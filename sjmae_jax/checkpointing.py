@@ -42,7 +42,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class Checkpointer:
-  """CheckpointManager of WORKDIR/checkpoints with the items 'state' and (optional) 'data'.
+  """CheckpointManager of WORKDIR/checkpoints with the items 'state' and (optional) 'data' (the
+  input pipeline's position) and 'run' (the run's own bookkeeping: wall time over its segments).
 
   Creates nothing until the first save. `read_only=True` opens a workdir for reading only (no tmp
   directory cleanup, no saves): for looking at a run before deciding to write to it, or for
@@ -61,7 +62,8 @@ class Checkpointer:
     self.directory = epath.Path(paths.absolute(workdir)) / "checkpoints"  # Orbax: absolute only
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "run": ocp.JsonCheckpointHandler()})
     self._created = read_only or self.directory.exists()
     self._step_in_flight = None
 
@@ -72,10 +74,11 @@ class Checkpointer:
     """Whether the save policy (every `save_every_steps`, and a first one) saves at `step`."""
     return self.manager.should_save(step)
 
-  def save(self, step: int, state, *, force: bool = False, data_state: dict | None = None) -> bool:
-    """Starts writing `state` (and the input pipeline's JSON `data_state`) as checkpoint `step`
-    if the save policy or `force` says so (async: `wait` for it to be complete). Returns whether
-    it saves."""
+  def save(self, step: int, state, *, force: bool = False, data_state: dict | None = None,
+           run_state: dict | None = None) -> bool:
+    """Starts writing `state` (and the input pipeline's JSON `data_state`, the run's JSON
+    `run_state`) as checkpoint `step` if the save policy or `force` says so (async: `wait` for it
+    to be complete). Returns whether it saves."""
     if not force and not self.should_save(step):
       return False
     self.wait()  # a failed earlier save is reported as that step's
@@ -86,6 +89,8 @@ class Checkpointer:
       items = {"state": ocp.args.StandardSave(state)}
       if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)
+      if run_state is not None:
+        items["run"] = ocp.args.JsonSave(run_state)
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._step_in_flight = step
     return True
@@ -97,9 +102,17 @@ class Checkpointer:
 
   def data_state(self, step: int) -> dict | None:
     """The input pipeline's state saved with checkpoint `step`; None for a checkpoint without one."""
-    if "data" not in self.manager.item_metadata(step).keys():
+    return self._json_item(step, "data")
+
+  def run_state(self, step: int) -> dict | None:
+    """The run's bookkeeping saved with checkpoint `step`; None for a checkpoint without it."""
+    return self._json_item(step, "run")
+
+  def _json_item(self, step: int, name: str) -> dict | None:
+    if name not in self.manager.item_metadata(step).keys():
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+    return restored[name]
 
   def abstract_state(self, step: int, sharding=None):
     """The stored train state's shapes and dtypes (ShapeDtypeStructs on `sharding`, default one

@@ -516,7 +516,9 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
         state_shardings)
     state = checkpointer.restore(start_step, abstract_state)
     train_data.restore(checkpointer.data_state(start_step))
+    earlier_seconds = (checkpointer.run_state(start_step) or {}).get("wall_seconds", 0.0)
   else:
+    earlier_seconds = 0.0  # wall time of the run's earlier segments (before a resume)
     state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
     if task.after_init is not None:
       state = task.after_init(state, state_shardings)
@@ -619,7 +621,8 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
       if stopped or step == stop_step or checkpointer.should_save(step):
         if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
           look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
-        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step))
+        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step),
+                          run_state={"wall_seconds": earlier_seconds + time.time() - started})
       if stopped:
         break
     if pending is not None:
@@ -637,8 +640,10 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
     best.close()
   writer.flush()
 
-  wall_seconds = time.time() - started
+  segment_seconds = time.time() - started
+  wall_seconds = earlier_seconds + segment_seconds  # over every segment of the run
   summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
+             "segment_wall_seconds": round(segment_seconds, 2),
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
   if best is not None and best.record["value"] is not None:
     summary.update({f"best/{best.metric}": best.record["value"], "best/step": best.record["step"]})
@@ -663,7 +668,10 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
     checkpointing.write_text_atomically(summary_path, json.dumps(summary, indent=2, sort_keys=True))
     results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
                         + [f"{k} {shown(v)}" for k, v in monitor_metrics.items()])
-    lines = [f"Done at step {step} of {total_steps} in {console.duration(wall_seconds)}: {results}",
+    took = console.duration(wall_seconds) + (
+        f" ({console.duration(segment_seconds)} since the resume at step {start_step})"
+        if start_step else "")
+    lines = [f"Done at step {step} of {total_steps} in {took}: {results}",
              f"  checkpoints:  {paths.shown(checkpointer.directory)}",
              f"  summary:      {paths.shown(summary_path)}",
              f"  TensorBoard:  tensorboard --logdir {paths.shown(workdir / 'tensorboard')}"]

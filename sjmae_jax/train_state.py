@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 
 from sjmae_jax import engine, objectives, optim
+from sjmae_jax.data.config import data_normalization
+from sjmae_jax.objectives.pictures import for_display
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -68,10 +70,14 @@ def make_train_step(model, tx, schedule, mesh, grad_accum_steps: int = 1, **opti
                                 **options)
 
 
-def pictures_fn(model):
-  """(state, finished batch) -> the objective's pictures, with a fixed rng apart from the steps'."""
+def pictures_fn(model, data_config):
+  """(state, finished batch) -> the objective's pictures in [0, 1] (unnormalized with the data's
+  mean and std), with a fixed rng apart from the steps'."""
+  mean, std = data_normalization(data_config)
+
   def pictures(state, batch):
     rng = jax.random.fold_in(state["rng"], 2 ** 31 - 1)
-    return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, batch,
-                       method="pictures", rngs=objectives.step_rngs(model, rng))
+    drawn = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, batch,
+                        method="pictures", rngs=objectives.step_rngs(model, rng))
+    return {name: for_display(picture, mean, std) for name, picture in drawn.items()}
   return pictures

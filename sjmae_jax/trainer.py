@@ -86,7 +86,7 @@ def pretraining_task(config, start_step: int) -> engine.Task:
       config=config, train_data=train_data, total_steps=total_steps,
       init_state=lambda rng: model_state(model, config, rng), loss_fn=make_loss_fn(model),
       tx=tx, schedule=schedule, describe=describe, monitors=monitors,
-      pictures_fn=pictures_fn(model), kernel_dtype=kernel_cast_dtype(config),
+      pictures_fn=pictures_fn(model, config.data), kernel_dtype=kernel_cast_dtype(config),
       after_init=(lambda state, shardings: initialize_encoder_from(state, config, shardings))
       if config.init_from else None,
       last_lines=lambda workdir, summary: [probe_hint(config, workdir)])

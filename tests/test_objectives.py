@@ -12,7 +12,7 @@ import pytest
 from sjmae_jax import checkpointing, objectives, optim, trainer
 from sjmae_jax.objectives import base
 from sjmae_jax.objectives.losses import softmax_cross_entropy
-from sjmae_jax.objectives.pictures import to_unit_range
+from sjmae_jax.objectives.pictures import MIN_TILE_SIDE, for_display, picture_grid
 from tests.helpers import REPO, load_config
 
 TINY = {"model.embed_dim": 32, "model.depth": 1, "model.num_heads": 2,
@@ -86,9 +86,7 @@ def test_objective_contract(method, tmp_path):
   tokens = jax.jit(lambda v, x: model.apply(v, x, method="encode"))(variables, images)
   assert tokens.shape == (4, 1 + (kw["img_size"] // kw["patch_size"]) ** 2, kw["embed_dim"])
 
-  pictures = jax.jit(lambda v, b, rng: model.apply(v, b, method="pictures",
-                                                   rngs=objectives.step_rngs(model, rng)))(
-      variables, batch, jax.random.PRNGKey(2))
+  pictures = jax.jit(trainer.pictures_fn(model, config.data))(state, batch)  # as TensorBoard gets them
   assert pictures, "the shipped configs all draw at least one picture"
   for name, picture in pictures.items():
     picture = np.asarray(picture)
@@ -277,10 +275,15 @@ def test_softmax_cross_entropy_matches_numpy():
   np.testing.assert_allclose(value, expected.mean(), rtol=1e-6)
 
 
-def test_to_unit_range_scales_by_the_reference_images():
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 3)), jnp.float32)
-  scaled = np.asarray(to_unit_range(images))
-  assert scaled.min() == 0 and np.allclose(scaled.reshape(2, -1).max(1), 1, atol=1e-5)
-  doubled = np.asarray(to_unit_range(2 * images, reference=images))  # beyond the reference: clipped
-  assert doubled.min() == 0 and doubled.max() == 1
-  np.testing.assert_allclose(np.asarray(to_unit_range(images, reference=images)), scaled)
+def test_pictures_are_shown_with_the_datas_mean_and_std_gray_stays_gray_and_small_tiles_grow():
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  gray = np.linspace(0.1, 0.9, 2 * 8 * 8).reshape(2, 8, 8, 1).repeat(3, axis=-1)  # R = G = B
+  normalized = jnp.asarray((gray - np.asarray(mean)) / np.asarray(std), jnp.float32)
+  shown = np.asarray(for_display(picture_grid([normalized, normalized]), mean, std))
+  scale = -(-MIN_TILE_SIDE // 8)
+  assert shown.shape == (1, 2 * 8 * scale, 2 * 8 * scale, 3)  # 2 rows, 2 columns, enlarged
+  np.testing.assert_allclose(shown[..., 0], shown[..., 1], atol=1e-6)  # no tint
+  np.testing.assert_allclose(shown[..., 0], shown[..., 2], atol=1e-6)
+  np.testing.assert_allclose(shown[0, ::scale, :8 * scale:scale, 0],
+                             gray[:, :, :, 0].reshape(16, 8), atol=1e-6)  # the original values
+  assert for_display(jnp.full((1, 2, 2, 3), 9.0), mean, std).max() == 1.0  # clipped

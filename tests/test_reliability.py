@@ -158,6 +158,9 @@ def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_exits_in_one_line(
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"from step {step};" in result.stdout
   assert_identical(reference_params, final_params(workdir))
+  summary = json.loads((workdir / "summary.json").read_text())  # time over both segments
+  assert summary["wall_seconds"] > summary["segment_wall_seconds"] > 0
+  assert f" since the resume at step {step}): loss" in result.stdout
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ def test_views_computed_inside_the_step_match_views_computed_on_the_host():
       on_host(dict(state), finished), on_device(dict(state), pre_batch))
   np.testing.assert_allclose(float(device_metrics["loss"]), float(host_metrics["loss"]), rtol=1e-4)
   assert_trees_close(host_state["params"], device_state["params"], rtol=1e-3, atol=1e-5)
-  pictures = jax.jit(lambda state, batch: trainer.pictures_fn(model)(
+  pictures = jax.jit(lambda state, batch: trainer.pictures_fn(model, config.data)(
       state, device.finish_batch(batch)))
   assert all(np.isfinite(np.asarray(v)).all() for v in pictures(device_state, pre_batch).values())
 

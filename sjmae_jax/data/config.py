@@ -9,6 +9,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def data_normalization(data_config) -> tuple:
+  """(mean, std) that the input pipeline of `data_config` applies to [0, 1] images (data.normalize:
+  'imagenet', 'custom' with data.mean / data.std, or 'none')."""
+  if data_config.normalize == "custom":
+    return tuple(data_config.mean), tuple(data_config.std)
+  if data_config.normalize == "none":
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  return IMAGENET_MEAN, IMAGENET_STD
+
+
 def default_tfds_dir():
   return os.environ.get("SJMAE_TFDS_DIR") or os.path.expanduser("~/tensorflow_datasets")
 

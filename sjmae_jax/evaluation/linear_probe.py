@@ -112,6 +112,10 @@ def fast_probe_results(config, classifier, encoder_params, mesh) -> dict:
   """{'fast_top1', 'fast_top5'}: the head trained on the train split's cached features (eval
   recipe, no augmentation) with the probe's own optimizer, schedule, epochs and batch size."""
   started = time.time()
+  if jax.process_index() == 0:  # before the feature extraction's first compile: seconds of quiet
+    print(f"fast linear probe of {paths.shown(config.init_from)}: features of "
+          f"{config.data.source} {config.data.train_split} and {config.data.eval_split} (no "
+          f"augmentation), then the head for {config.epochs} epochs", flush=True)
   fresh = classifier.init(jax.random.PRNGKey(config.seed), common.sample_images(classifier))
   params = common.with_encoder(jax.device_get(fresh["params"]), encoder_params, config.global_pool)
   params = {k: v for k, v in params.items() if k != "head"}  # features only

@@ -31,12 +31,12 @@ from sjmae_jax import objectives
 from sjmae_jax.models.vit import VisionTransformer, patchify, timm_trunc_normal, unpatchify
 from sjmae_jax.objectives import base
 from sjmae_jax.objectives.losses import softmax_cross_entropy
-from sjmae_jax.objectives.pictures import picture_grid, to_unit_range
+from sjmae_jax.objectives.pictures import picture_grid
 from sjmae_jax.objectives.reconstruction import patch_targets, reconstruction_picture
 from sjmae_jax import optim
 from sjmae_jax.tokenizers.kmeans import nearest_centroid
-from sjmae_jax.tokenizers.tokenizer import (Tokenizer, data_normalization, read_tokenizer,
-                                            teacher_features)
+from sjmae_jax.data.config import data_normalization
+from sjmae_jax.tokenizers.tokenizer import Tokenizer, read_tokenizer, teacher_features
 
 TARGETS = ("pixels", "tokens")
 head_init = timm_trunc_normal(0.02)  # timm's Linear init, as the original
@@ -259,10 +259,13 @@ class MaPeT(base.Objective):
 def token_picture(images, target_ids, predicted_ids, predicted, patch_size: int, codebook_size: int,
                   max_images: int = 8):
   """Rows of (image | context patches only | target token map | predicted token map), each token
-  id drawn as a fixed random color; context patches keep their target color in the last map."""
-  images = to_unit_range(images[:max_images].astype(jnp.float32))
+  id drawn as a fixed random color; context patches keep their target color in the last map. In
+  the input's space, as every picture (pictures.for_display shows them): the palette spans
+  [-2, 2], about what normalized pixels span, so its colors stay apart once shown."""
+  images = images[:max_images].astype(jnp.float32)
   channels = images.shape[-1]
-  palette = jax.random.uniform(jax.random.PRNGKey(0), (codebook_size, channels))
+  palette = jax.random.uniform(jax.random.PRNGKey(0), (codebook_size, channels), minval=-2.0,
+                               maxval=2.0)
   cells = patch_size * patch_size
 
   def color_map(ids):  # patch vectors are (p, q, c) with c fastest: tile the color p*p times

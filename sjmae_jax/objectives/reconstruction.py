@@ -9,7 +9,7 @@ from sjmae_jax.models.decoder import MASK_TOKEN_MODES, MAEDecoder
 from sjmae_jax.models.vit import LEVER_KEYS, VisionTransformer, patchify, unpatchify
 from sjmae_jax.objectives import base
 from sjmae_jax.objectives.masking import Masking
-from sjmae_jax.objectives.pictures import picture_grid, to_unit_range
+from sjmae_jax.objectives.pictures import picture_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,8 @@ def masked_reconstruction(encoder: VisionTransformer, decoder: MAEDecoder, image
 
 
 def reconstruction_picture(images, pred, mask, patch_size: int, norm_pix_loss: bool, max_images=8):
-  """Rows of (original | masked | reconstruction with visible patches pasted), scaled to [0, 1]."""
+  """Rows of (original | masked, the masked patches at 0: the data's mean | reconstruction with
+  the visible patches pasted), in the input's space (pictures.for_display shows them)."""
   images = images[:max_images].astype(jnp.float32)
   pred, mask = pred[:max_images].astype(jnp.float32), mask[:max_images]
   channels = images.shape[-1]
@@ -105,4 +106,4 @@ def reconstruction_picture(images, pred, mask, patch_size: int, norm_pix_loss: b
   m = mask[..., None]
   masked = unpatchify(target * (1 - m), patch_size, channels)
   pasted = unpatchify(target * (1 - m) + pred * m, patch_size, channels)
-  return picture_grid([to_unit_range(x, images) for x in (images, masked, pasted)])
+  return picture_grid([images, masked, pasted])

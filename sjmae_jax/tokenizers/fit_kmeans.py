@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sjmae_jax.data.config import data_normalization
+
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Config file (path[:arg]) of the student.",
                                           lock_config=True)
@@ -52,7 +54,7 @@ def collect_features(data_config, teacher_kwargs, teacher_params, *, teacher_nor
                      num_images: int, batch_size: int) -> np.ndarray:
   """(num_images, L, D) teacher patch features of the first images of the train split."""
   from sjmae_jax import data
-  from sjmae_jax.tokenizers.tokenizer import data_normalization, teacher_features
+  from sjmae_jax.tokenizers.tokenizer import teacher_features
   pipeline = data.build_eval_pipeline(data_config, split=data_config.train_split,
                                       global_batch_size=batch_size)
   features_fn = jax.jit(lambda params, images: teacher_features(
@@ -81,7 +83,7 @@ def fit(config, teacher: str, out: str, *, codebook_size: int = 0, num_images: i
       teacher, grid=grid, num_heads=teacher_num_heads, quick_gelu=teacher_quick_gelu)
   if teacher_normalize == "auto":
     teacher_normalize = "clip" if teacher_kwargs.get("pre_norm") else "data"
-  teacher_norm = (tokenizer.data_normalization(config.data) if teacher_normalize == "data"
+  teacher_norm = (data_normalization(config.data) if teacher_normalize == "data"
                   else tokenizer.NORMALIZATIONS[teacher_normalize])
   started = time.time()
   features = collect_features(config.data, teacher_kwargs, teacher_params,

@@ -47,13 +47,6 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                   "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
-def data_normalization(data_config) -> tuple:
-  """(mean, std) that the input pipeline of `data_config` applies to [0, 1] images."""
-  if data_config.normalize == "custom":
-    return tuple(data_config.mean), tuple(data_config.std)
-  return NORMALIZATIONS[data_config.normalize]
-
-
 def teacher_module(teacher_kwargs: dict, dtype=jnp.float32):
   """The unbound VisionTransformer described by a tokenizer's 'teacher' entry."""
   kwargs = dict(teacher_kwargs)
