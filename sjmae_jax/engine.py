@@ -1,7 +1,7 @@
 """The training engine: the one loop of pretraining, fine-tuning and the linear probe.
 
-A program (trainer.py: pretraining; evaluation/finetune.py; evaluation/linear_probe.py) says what
-to train, as a `Program`: its config, the shapes of its train state (checked against existing
+A program (sjmae_jax/trainer.py: pretraining; sjmae_jax/evaluation/finetune.py and
+linear_probe.py) says what to train, as a `Program`: its config, the shapes of its train state (checked against existing
 checkpoints before anything else), and `build(start_step) -> Task`: data, model loss, optimizer,
 monitors. The engine does everything else, the same way for all three:
 

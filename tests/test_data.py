@@ -821,6 +821,19 @@ def test_bad_folders_fail_with_one_line(tmp_path):
   write_folder(str(ok_root), {"train": {"a": 2}})
   assert "no images" in one_line_error(build, ok_root, "train[:0]")
 
+  # torchvision's ImageFolder layout, ROOT/<class>/<image>: the missing split level is named.
+  flat = tmp_path / "flat"
+  write_folder(str(flat), {"cat": {"x": 2}, "dog": {"x": 2}})
+  for class_dir in ("cat", "dog"):  # ROOT/<class>/<image>
+    for image in (flat / class_dir / "x").iterdir():
+      image.rename(flat / class_dir / image.name)
+    (flat / class_dir / "x").rmdir()
+  message = one_line_error(build, flat)
+  assert message == (f"image folder {flat} has images right under cat, dog: the split level is "
+                     f"missing (expected ROOT/<split>/<class>/<image>); move the class folders "
+                     f"into {flat / 'train'} and a test set's into {flat / 'test'}, or point "
+                     f"data.source at a folder that has them")
+
 
 @pytest.mark.no_tf
 def test_bad_tfds_and_config_values_fail_with_one_line(tmp_path, data_dir):

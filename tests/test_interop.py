@@ -235,8 +235,11 @@ def test_registered_timm_names_have_the_sizes_we_assume(timm):
   assert timm_interop.timm_name_for(768, 12, 16, 384) == "vit_base_patch16_384"
   assert timm_interop.timm_name_for(192, 12, 4, 32) == "vit_tiny_patch16_224"
   assert timm_interop.timm_name_for(1280, 32, 16, 224) == "vit_huge_patch14_224"
-  assert timm_interop.timm_name_for(100, 3, 8, 64) == "vit_base_patch8_224"
-  assert timm_interop.timm_name_for(100, 3, 4, 64) == "vit_base_patch16_224"
+  # Other widths: the nearest size's name (the digits demo's 128x4 is no ViT-Base).
+  assert timm_interop.timm_name_for(128, 4, 4, 16) == "vit_tiny_patch16_224"
+  assert timm_interop.timm_name_for(320, 8, 8, 64) == "vit_small_patch8_224"
+  assert timm_interop.timm_name_for(600, 6, 4, 64) == "vit_base_patch16_224"
+  assert timm_interop.timm_name_for(1200, 6, 14, 64) == "vit_huge_patch14_224"
 
 
 # --- timm -> import: parity -------------------------------------------------------------------

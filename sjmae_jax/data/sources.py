@@ -428,6 +428,15 @@ class FolderSource:
     self.class_names = sorted(class_names)
     self.num_classes = len(self.class_names)
     if not self.class_names:
+      with_images = [name for name in split_dirs if any(
+          entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in (self.root / name).iterdir())]
+      if with_images:  # torchvision's ImageFolder layout: ROOT/<class>/<image>
+        raise DataError(
+            f"image folder {self.root} has images right under {', '.join(with_images[:3])}"
+            f"{', ...' if len(with_images) > 3 else ''}: the split level is missing (expected "
+            f"ROOT/<split>/<class>/<image>); move the class folders into {self.root / 'train'} "
+            f"and a test set's into {self.root / 'test'}, or point data.source at a folder that "
+            f"has them")
       raise DataError(f"image folder {self.root} has no class folders "
                       "(expected ROOT/<split>/<class>/<image>)")
     self._listing = {}

@@ -220,14 +220,15 @@ def timm_to_classifier(state_dict: Mapping, *, target_grid: int | None = None) -
 
 
 def timm_name_for(embed_dim: int, depth: int, patch_size: int, img_size: int) -> str:
-  """A registered timm ViT name close to this architecture (kwargs fix the rest).
+  """The registered timm ViT name nearest to this architecture (kwargs fix the rest).
 
-  The size is the one with this width and depth (else this width, else 'base'); the patch size and
-  image size are those of the name when timm registers such a name.
+  The size is the one with this width and depth, else the one nearest in width (a 128-wide model
+  is named after ViT-Tiny, never after ViT-Base); the patch size and image size are those of the
+  name when timm registers such a name.
   """
   sizes = [name for name, size in SIZES.items() if size[:2] == (embed_dim, depth)]
-  sizes = sizes or [name for name, size in SIZES.items() if size.embed_dim == embed_dim]
-  size = sizes[0] if sizes else "base"
+  size = sizes[0] if sizes else min(
+      SIZES, key=lambda name: (abs(SIZES[name].embed_dim - embed_dim), SIZES[name].embed_dim))
   for patch, img in ((patch_size, img_size), (patch_size, 224)):
     if (size, patch, img) in TIMM_VIT_NAMES:
       return f"vit_{size}_patch{patch}_{img}"
