@@ -39,3 +39,6 @@ def pytest_configure(config):
   # The subset that the TensorFlow-free virtualenv of .ci/run runs (`pytest -m no_tf`).
   config.addinivalue_line("markers", "no_tf: runs without TensorFlow installed (the CI subset "
                                      "of the virtualenv made from requirements.txt alone)")
+  config.addinivalue_line("markers", "tf: the TensorFlow extra's tests (TFRecord datasets): CI "
+                                     "runs them in a virtualenv with requirements-tf.txt; "
+                                     "without TensorFlow they skip or test the missing extra")

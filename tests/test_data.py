@@ -641,6 +641,7 @@ def test_tfds_splits_over_the_cache_limit_are_read_by_index(tfds_dirs):
   assert isinstance(build(1e-9).split_data, RecordSplit)
 
 
+@pytest.mark.tf
 @pytest.mark.skipif(not HAS_TENSORFLOW, reason="TFRecord needs the TensorFlow extra")
 def test_tfrecord_split_is_streamed_deterministic_and_resumable_with_tensorflow(tfds_dirs):
   cfg = tfds_config(tfds_dirs["tfrecord"], cache=False, shuffle_buffer=16)
@@ -666,6 +667,7 @@ def test_tfrecord_split_is_streamed_deterministic_and_resumable_with_tensorflow(
   assert sorted(ids) == list(range(40, 50)) and len(batches) == 3
 
 
+@pytest.mark.tf
 def test_tfrecord_dataset_without_tensorflow_names_the_extra(tfds_dirs, monkeypatch, tmp_path):
   if HAS_TENSORFLOW:  # a real TFRecord dataset; TensorFlow made unimportable
     data_dir = tfds_dirs["tfrecord"]
@@ -917,7 +919,7 @@ def test_concurrent_first_runs_prepare_digits_once_and_all_succeed(tmp_path):
   runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "tfds")], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for _ in range(3)]
-  results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+  results = [(run.wait(timeout=900), *run.communicate()) for run in runs]
   for code, out, err in results:
     assert code == 0, err[-2000:]
   sizes = {out.strip().splitlines()[-1] for _, out, _ in results}

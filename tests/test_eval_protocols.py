@@ -190,7 +190,7 @@ def test_bad_evaluator_input_fails_with_one_line(pretrained, tmp_path):
   result = subprocess.run(
       [sys.executable, str(REPO / "eval_linprobe.py"), f"--config={REPO / 'configs/linprobe.py'}",
        f"--workdir={tmp_path / 'cli'}", f"--config.init_from={tmp_path / 'missing'}"],
-      capture_output=True, text=True, cwd=REPO, timeout=300,
+      capture_output=True, text=True, cwd=REPO, timeout=900,
       env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"})
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
@@ -208,7 +208,7 @@ def test_evaluator_cli_rejects_a_bad_config_in_one_line_and_writes_nothing(
   result = subprocess.run(
       [sys.executable, str(REPO / script), f"--config={REPO / 'configs' / config}.py",
        f"--workdir={tmp_path / 'run'}", flag],
-      capture_output=True, text=True, cwd=REPO, timeout=300,
+      capture_output=True, text=True, cwd=REPO, timeout=900,
       env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"})
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]

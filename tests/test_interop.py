@@ -733,7 +733,7 @@ def test_safetensors_export_and_import_work_without_torch(tmp_path):
         print("ok")
   """)
   result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300,
+                          text=True, timeout=900,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT))
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "ok"

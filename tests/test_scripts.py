@@ -47,7 +47,7 @@ def test_shellcheck(script):
 
 
 def tpu(*args):
-  return subprocess.run(["bash", str(TPU), *args], capture_output=True, text=True, timeout=60)
+  return subprocess.run(["bash", str(TPU), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_tpu_launch_creates_installs_starts_on_all_workers_and_streams_worker_0():
@@ -112,7 +112,7 @@ def slurm(tasks_per_node, node_list="gpu[007-010]", ntasks=32, extra_env=None):
              SLURM_NTASKS_PER_NODE=tasks_per_node, SLURM_SUBMIT_DIR=str(REPO), SJMAE_DRY_RUN="1",
              **(extra_env or {}))
   return subprocess.run(["bash", str(SLURM), "--workdir", "/shared/runs/mae l", *TRAIN_FLAGS],
-                        env=env, capture_output=True, text=True, timeout=60)
+                        env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_slurm_one_task_per_gpu_leaves_the_cluster_to_jax_auto_detection():
@@ -147,7 +147,7 @@ def test_slurm_one_task_per_node_names_the_coordinator_as_jax_would(node_list, c
 def test_slurm_refuses_to_run_outside_a_job():
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   run = subprocess.run(["bash", str(SLURM), "--workdir", "/x"], env=env, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=600)
   assert run.returncode == 2 and "SLURM_JOB_ID is not set" in run.stderr
 
 
@@ -177,7 +177,7 @@ def test_slurm_one_task_per_node_command_trains_as_one_two_process_job(tmp_path)
              JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
              TF_CPP_MIN_LOG_LEVEL="2")
   dry = subprocess.run(["bash", str(SLURM), "--workdir", str(tmp_path / "run"), *flags], env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=600)
   assert dry.returncode == 0, dry.stderr
   command = shell_words(dry.stdout.splitlines()[-1])
   assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
