@@ -18,7 +18,7 @@ Images are channels-last RGB uint8.
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Layout of the uniforms of one view.
 U_AREA = slice(0, 10)  # RandomResizedCrop: up to 10 attempts (torchvision)
@@ -67,7 +67,12 @@ def draw_uniforms(key, shape):
 
 def decode_image(data):
   """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3] (gray replicated, alpha dropped)."""
-  with Image.open(io.BytesIO(data)) as image:
+  try:
+    opened = Image.open(io.BytesIO(data))
+  except UnidentifiedImageError:  # PIL's message names the BytesIO object, not the file
+    raise UnidentifiedImageError("cannot identify the image format (not a JPEG / PNG / BMP / "
+                                 "GIF file)") from None
+  with opened as image:
     return np.asarray(image.convert("RGB"))
 
 

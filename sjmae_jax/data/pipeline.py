@@ -47,7 +47,8 @@ import numpy as np
 
 from sjmae_jax.data import augment_host, augment_jax
 from sjmae_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, RECIPE_KEYS
-from sjmae_jax.data.sources import ArraySplit, DataError, DatasetInfo, TfdsStreamSplit, open_source
+from sjmae_jax.data.errors import DataError
+from sjmae_jax.data.sources import ArraySplit, DatasetInfo, TfdsStreamSplit, open_source
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,11 @@ from etils import epath
 
 from sjmae_jax.data import digits
 from sjmae_jax.data.augment_host import decode_image
+from sjmae_jax.data.errors import TF_EXTRA, DataError  # noqa: F401  (DataError: re-exported)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-TF_EXTRA = "pip install -r requirements-tf.txt (or sjmae-jax[tf])"
-
-
-class DataError(ValueError):
-  """Bad input data or data config; the message is one line naming the file / key / value."""
 
 
 @dataclasses.dataclass
