@@ -82,6 +82,9 @@ def default_config():
   cfg.cache_max_gb = 16.0  # larger splits are decoded at every read instead
   cfg.shuffle_buffer = 10_000  # used only when streaming a TFRecord TFDS split (TensorFlow extra)
   cfg.skip_corrupt = False  # folder sources: skip undecodable files (counted in the log)
+  # JPEG decoder: 'auto' (simplejpeg when installed, else PIL), 'simplejpeg' or 'pil'. Both use
+  # libjpeg-turbo with the same settings and give the same pixels; simplejpeg is ~2x faster.
+  cfg.decoder = "auto"
   cfg.prefetch = 2  # host-side batches prepared ahead (Grain's prefetch buffer)
   cfg.num_threads = 16  # Grain threads preparing them (image decoding and cropping with PIL)
   # Compute the views (crop of cached images, colour ops, normalisation) inside the training

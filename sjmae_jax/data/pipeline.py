@@ -369,6 +369,7 @@ class TrainPipeline:
     cfg, stream = self._cfg, self.split_data
     steps, local_batch, num_views = self.steps_per_epoch, self.local_batch_size, self.num_views
     epoch, start_batch = divmod(self.step, steps)
+    decoder = augment_host.resolve_decoder(cfg.decoder)
     with concurrent.futures.ThreadPoolExecutor(max(int(cfg.num_threads), 1)) as pool:
       while True:
         shuffle_seed = int(augment_host.generator(
@@ -383,13 +384,13 @@ class TrainPipeline:
           uniforms = augment_host.draw_uniforms(
               (self.seed, _STREAM_SALT, epoch, self.process_index, batch),
               (local_batch, num_views))
-          yield _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms)
+          yield _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms, decoder)
         epoch, start_batch = epoch + 1, 0
 
 
-def _stream_pre_batch(pool, pre_batcher, chunk, uniforms):
-  crops = pool.map(lambda row: pre_batcher.crops(augment_host.decode_image(chunk[row][0]),
-                                                 uniforms[row]), range(len(chunk)))
+def _stream_pre_batch(pool, pre_batcher, chunk, uniforms, decoder):
+  crops = pool.map(lambda row: pre_batcher.crops(
+      augment_host.decode_image(chunk[row][0], decoder), uniforms[row]), range(len(chunk)))
   return {"crops": np.stack(list(crops)), "uniforms": uniforms,
           "label": np.asarray([label for _, label in chunk], np.int32)}
 
@@ -481,7 +482,8 @@ class EvalPipeline:
         crops = np.zeros((local_batch, 1, size, size, 3), np.uint8)
         labels = np.zeros(local_batch, np.int32)
         if chunk:
-          pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)])
+          pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)],
+                                        augment_host.resolve_decoder(self._cfg.decoder))
           crops[:len(chunk)], labels[:len(chunk)] = pre_batch["crops"], pre_batch["label"]
         yield {"crops": crops, "uniforms": uniforms, "label": labels,
                "valid": np.arange(local_batch) < len(chunk)}

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from sjmae_jax.data import digits
-from sjmae_jax.data.augment_host import decode_image
+from sjmae_jax.data.augment_host import decode_image, resolve_decoder
 from sjmae_jax.data.errors import TF_EXTRA, DataError  # noqa: F401  (DataError: re-exported)
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,16 @@ class ArraySplit:
 
 @dataclasses.dataclass
 class FileSplit:
-  files: list  # path strings (local or gs://), decoded with PIL at every read
+  files: list  # path strings (local or gs://), decoded at every read
   labels: np.ndarray  # int32 [N]
+  decoder: str = "pil"  # augment_host.decode_image's decoder
 
   @property
   def num_examples(self):
     return len(self.labels)
 
   def read(self, index):
-    image, error = _decode_file(self.files[index])
+    image, error = _decode_file(self.files[index], self.decoder)
     if error is not None:
       raise DataError(f"cannot decode image {self.files[index]}: {error}")
     return image, int(self.labels[index])
@@ -69,6 +70,7 @@ class RecordSplit:
   image_key: str
   label_key: str
   description: str
+  decoder: str = "pil"
 
   @property
   def num_examples(self):
@@ -77,7 +79,7 @@ class RecordSplit:
   def read(self, index):
     example = self.source[int(index)]
     try:
-      image = decode_image(example[self.image_key])
+      image = decode_image(example[self.image_key], self.decoder)
     except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
       raise DataError(f"{self.description}: cannot decode the image of example {index}: "
                       f"{_first_line(error)}") from None
@@ -246,6 +248,7 @@ class TfdsSource:
     self.description = f"TFDS dataset {name!r}"
     self.name = name
     self.builder = builder
+    self.decoder = resolve_decoder(cfg.decoder)
     self.image_key = cfg.image_key
     self.label_key = cfg.label_key
     features = builder.info.features
@@ -311,7 +314,7 @@ class TfdsSource:
     tfds = _import_tfds()
     source = self.builder.as_data_source(
         split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
-    return RecordSplit(source, self.image_key, self.label_key, self.description)
+    return RecordSplit(source, self.image_key, self.label_key, self.description, self.decoder)
 
   def _read_arrays(self, split):
     if self.random_access:
@@ -320,8 +323,9 @@ class TfdsSource:
         examples = list(pool.map(records.read, range(records.num_examples), chunksize=256))
     else:
       from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
-      examples = [(decode_image(image), label) for image, label in tfrecord.read_examples(
-          self.builder, split, self.image_key, self.label_key)]
+      examples = [(decode_image(image, self.decoder), label)
+                  for image, label in tfrecord.read_examples(self.builder, split, self.image_key,
+                                                             self.label_key)]
     images = np.stack([image for image, _ in examples])
     return ArraySplit(images, np.asarray([label for _, label in examples], np.int32))
 
@@ -409,6 +413,7 @@ class FolderSource:
     self.data_dir = epath.Path(cfg.data_dir).expanduser()
     self.skip_corrupt = bool(cfg.skip_corrupt)
     self.cache_max_bytes = cfg.cache_max_gb * 2**30
+    self.decoder = resolve_decoder(cfg.decoder)
     if not self.root.is_dir():
       raise DataError(f"image folder does not exist: {self.root} (data.source=folder:{root})")
     split_dirs = _subdirectories(self.root)
@@ -467,7 +472,8 @@ class FolderSource:
       if isinstance(prepared, ArraySplit):
         parts.append(ArraySplit(prepared.images[start:stop], prepared.labels[start:stop]))
       else:
-        parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop]))
+        parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop],
+                               self.decoder))
     if sum(part.num_examples for part in parts) == 0:
       raise DataError(f"split {split!r} of {self.description} has no images")
     if len(parts) == 1:
@@ -482,7 +488,7 @@ class FolderSource:
       prepared = self.prepare(name, cache=False)
       files.extend(prepared.files[start:stop])
       labels.append(prepared.labels[start:stop])
-    return FileSplit(files, np.concatenate(labels))
+    return FileSplit(files, np.concatenate(labels), self.decoder)
 
   def prepare(self, split, cache):
     """Validates (decodes) every image of a split once; caches uint8 arrays when possible.
@@ -511,7 +517,7 @@ class FolderSource:
       with images_path.open("rb") as f:
         result = ArraySplit(np.load(f), labels[kept])
     else:
-      result = FileSplit([files[index] for index in kept], labels[kept])
+      result = FileSplit([files[index] for index in kept], labels[kept], self.decoder)
     self.skipped_files[split] = meta["skipped"]
     self._prepared[key] = result
     return result
@@ -536,7 +542,8 @@ class FolderSource:
     shapes = set()
     arrays = [None] * len(files) if keep_arrays else None
     with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
-      for index, (array, error) in enumerate(pool.map(_decode_file, files, chunksize=64)):
+      decoded = pool.map(_decode_file, files, [self.decoder] * len(files), chunksize=64)
+      for index, (array, error) in enumerate(decoded):
         if arrays is not None and array is not None and array.nbytes * len(files) > (
             self.cache_max_bytes):
           log.warning("%s split %r: decoded images would exceed data.cache_max_gb; they are "
@@ -575,14 +582,14 @@ def _subdirectories(path):
                 if not entry.name.startswith(".") and entry.is_dir())
 
 
-def _decode_file(path):
+def _decode_file(path, decoder="pil"):
   """(uint8 [H, W, 3] image, None) or (None, one-line reason)."""
   try:
     encoded = epath.Path(path).read_bytes()
   except OSError as error:
     return None, f"{type(error).__name__}: {error}"
   try:
-    return decode_image(encoded), None
+    return decode_image(encoded, decoder), None
   except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
     return None, _first_line(error)
 
