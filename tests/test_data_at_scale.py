@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sjmae_jax import data
-from sjmae_jax.data import augment_host
+from sjmae_jax.data import augment_host, records
 
 pytestmark = pytest.mark.no_tf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,8 @@ def test_decoders_give_identical_batches_and_bad_names_fail_in_one_line(tmp_path
   root = write_jpeg_folder(str(tmp_path / "jpegs"))
   batches = {}
   for decoder in ("pil", "simplejpeg"):
-    cfg = folder_config(root, tmp_path / "cache", decoder=decoder, views=["simclr", "mae"])
+    cfg = folder_config(root, tmp_path / "cache", decoder=decoder, views=["simclr", "mae"],
+                        num_workers=0)
     batches[decoder] = take(data.build_train_pipeline(cfg, global_batch_size=4, seed=0,
                                                       process_index=0, process_count=1), 3)
   assert_batches_equal(batches["pil"], batches["simplejpeg"])
@@ -117,3 +118,186 @@ def test_decoders_give_identical_batches_and_bad_names_fail_in_one_line(tmp_path
   cfg.decoder = "simplejpeg"
   assert "pip install simplejpeg" in one_line_error(data.dataset_info, cfg)
   assert augment_host.resolve_decoder("auto") == "pil"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes (data.num_workers).
+
+
+def test_workers_give_the_batches_of_threads_and_resume_exactly_with_any_worker_count(tmp_path):
+  root = write_jpeg_folder(str(tmp_path / "jpegs"))
+  build = lambda workers, start=0: data.build_train_pipeline(
+      folder_config(root, tmp_path / "cache", num_workers=workers, views=["simclr", "simclr"]),
+      global_batch_size=4, seed=0, start_step=start, process_index=0, process_count=1)
+  threads = build(0)
+  assert threads.num_workers == 0
+  expected = take(threads, 7)  # past the end of the first epoch (3 steps)
+  workers = build(2)
+  assert workers.num_workers == 2
+  assert_batches_equal(take(workers, 7), expected)
+  workers.close()
+  resumed = build(1, start=4)  # a resume may use another worker count
+  resumed.restore(json_round_trip(threads.checkpoint_state(4)))
+  assert_batches_equal(take(resumed, 3), expected[4:])
+  resumed.close()
+
+
+def json_round_trip(value):
+  import json
+  return json.loads(json.dumps(value))
+
+
+def test_workers_default_to_the_host_cores_and_bad_counts_fail_in_one_line(tmp_path,
+                                                                           monkeypatch):
+  from sjmae_jax.data import pipeline as pipeline_module
+  root = write_jpeg_folder(str(tmp_path / "jpegs"))
+  cfg = folder_config(root, tmp_path / "cache")
+  assert cfg.num_workers == "auto"
+  build = lambda: data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                            process_count=1)
+  assert build().num_workers == 0  # 12 images: not worth starting processes
+  monkeypatch.setattr(pipeline_module, "AUTO_WORKERS_MIN_EXAMPLES", 12)
+  assert build().num_workers == len(os.sched_getaffinity(0))  # nothing started until read
+  cfg.cache = True  # one size: in memory, gathered in one batched step, no workers
+  write_jpeg_folder(str(tmp_path / "same"), sizes=((12, 12),))
+  cfg.source = f"folder:{tmp_path / 'same'}"
+  assert data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                   process_count=1).num_workers == 0
+  for bad in (-1, "many", 1.5):
+    cfg.num_workers = bad
+    assert "data.num_workers" in one_line_error(
+        data.build_train_pipeline, cfg, global_batch_size=4, seed=0, process_index=0,
+        process_count=1)
+
+
+def test_a_corrupt_file_or_a_killed_worker_ends_the_run_in_one_line(tmp_path):
+  root = write_jpeg_folder(str(tmp_path / "jpegs"))
+  cfg = folder_config(root, tmp_path / "cache", num_workers=2)
+  pipeline = data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                       process_count=1)
+  bad = os.path.join(root, "train", "b", "002.jpg")
+  with open(bad, "wb") as f:  # damaged after the folder was listed and checked
+    f.write(b"\xff\xd8\xff\xe0 not a jpeg any more")
+  message = one_line_error(take, pipeline, 3)  # one epoch reads every file
+  assert f"cannot decode image {bad}" in message
+  pipeline.close()
+
+  os.remove(bad)
+  write_jpeg_folder(str(tmp_path / "fine"))
+  cfg.source = f"folder:{tmp_path / 'fine'}"
+  pipeline = data.build_train_pipeline(cfg, global_batch_size=4, seed=0, process_index=0,
+                                       process_count=1)
+  next(pipeline)
+  import multiprocessing
+  import signal
+  victims = multiprocessing.active_children()
+  assert len(victims) == 2
+  for process in victims:  # as the kernel's OOM killer would
+    os.kill(process.pid, signal.SIGKILL)
+  message = one_line_error(take, pipeline, 10)
+  assert "input worker process" in message and "killed by SIGKILL" in message
+  pipeline.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# ArrayRecord shards: python -m sjmae_jax.data.prepare.
+
+
+def test_prepare_round_trips_a_folder_and_training_reads_the_same_batches(tmp_path):
+  from sjmae_jax.data import prepare
+  root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=5)
+  write_jpeg_folder(str(tmp_path / "jpegs_test"), per_class=2, classes=("b",))
+  os.rename(tmp_path / "jpegs_test" / "train", tmp_path / "jpegs" / "test")
+  out = tmp_path / "shards"
+  result = subprocess.run([sys.executable, "-m", "sjmae_jax.data.prepare", f"folder:{root}",
+                           "--out", str(out), "--examples-per-shard", "4",
+                           "--data-dir", str(tmp_path / "cache")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  index = records.read_index(out)
+  assert index["class_names"] == ["a", "b"]
+  assert index["splits"]["train"]["counts"] == [4, 4, 2]
+  assert index["splits"]["test"]["num_examples"] == 2
+
+  # Same files (bytes), labels and order as the folder source lists them.
+  from array_record.python import array_record_data_source
+  folder = data.build_train_pipeline(folder_config(root, tmp_path / "cache", num_workers=0),
+                                     global_batch_size=5, seed=0, process_index=0,
+                                     process_count=1)
+  shards = data.build_train_pipeline(
+      folder_config(root, tmp_path / "cache", num_workers=0, source=f"arrayrecord:{out}"),
+      global_batch_size=5, seed=0, process_index=0, process_count=1)
+  files, labels = folder.split_data.files, folder.split_data.labels
+  shard_records = array_record_data_source.ArrayRecordDataSource(
+      [str(out / "train" / name) for name in index["splits"]["train"]["shards"]])
+  assert len(shard_records) == len(files) == shards.num_examples == 10
+  for position, path in enumerate(files):
+    label, name, encoded = records.decode_record(shard_records[position])
+    assert (label, name) == (labels[position], os.path.relpath(path, root))
+    with open(path, "rb") as f:
+      assert encoded == f.read()
+  assert_batches_equal(take(shards, 4), take(folder, 4))
+  info = data.dataset_info(folder_config(root, tmp_path / "cache", source=f"arrayrecord:{out}",
+                                         train_split="train[:50%]"))
+  assert info.split_sizes == {"train[:50%]": 5, "test": 2} and info.class_names == ["a", "b"]
+
+
+def test_prepare_resumes_after_a_kill_and_checks_counts(tmp_path):
+  from sjmae_jax.data import prepare
+  root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=5)
+  out = tmp_path / "shards"
+  written = []
+
+  def killed_after_two(path, records):  # as if killed while writing the third shard
+    if len(written) == 2:
+      raise KeyboardInterrupt
+    written.append(path.name)
+    real_write(path, records)
+  real_write = prepare._write_shard  # pylint: disable=protected-access
+  prepare._write_shard = killed_after_two  # pylint: disable=protected-access
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare(f"folder:{root}", out, data_dir=str(tmp_path / "cache"),
+                      examples_per_shard=3, log=lambda line: None)
+  finally:
+    prepare._write_shard = real_write  # pylint: disable=protected-access
+  assert not (out / records.INDEX_FILE).exists()  # incomplete: not readable
+  assert "not prepared, or its preparation did not finish" in one_line_error(
+      data.dataset_info, folder_config(root, tmp_path, source=f"arrayrecord:{out}"))
+  first = (out / "train" / written[0]).stat().st_mtime_ns
+  lines = []
+  index = prepare.prepare(f"folder:{root}", out, data_dir=str(tmp_path / "cache"),
+                          examples_per_shard=3, log=lines.append)
+  assert "train: resuming after 2 complete shard(s)" in lines
+  assert (out / "train" / written[0]).stat().st_mtime_ns == first  # kept, not rewritten
+  assert index["splits"]["train"]["counts"] == [3, 3, 3, 1]
+
+  # A shard that lost records is noticed and rewritten on the next run.
+  shard = out / "train" / index["splits"]["train"]["shards"][1]
+  prepare._write_shard(shard, [b"x"])  # pylint: disable=protected-access
+  lines.clear()
+  prepare.prepare(f"folder:{root}", out, data_dir=str(tmp_path / "cache"), examples_per_shard=3,
+                  log=lines.append)
+  assert "train: resuming after 1 complete shard(s)" in lines
+  assert prepare._count_records(shard) == 3  # pylint: disable=protected-access
+
+
+def test_prepare_names_a_corrupt_file_in_one_line_or_skips_it(tmp_path):
+  from sjmae_jax.data import prepare
+  root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=3)
+  bad = os.path.join(root, "train", "a", "001.jpg")
+  with open(bad, "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 broken")
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "sjmae_jax.data.prepare", f"folder:{root}", "--out",
+       str(tmp_path / "shards"), "--data-dir", str(tmp_path / "cache"), *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run()
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith("error: cannot decode image train/a/001.jpg: ")
+  assert line.endswith("(--skip-corrupt leaves such files out)")
+  assert run("--skip-corrupt").returncode == 0
+  index = records.read_index(tmp_path / "shards")
+  assert index["splits"]["train"]["skipped"] == ["train/a/001.jpg"]
+  assert index["splits"]["train"]["num_examples"] == 5

@@ -1,4 +1,5 @@
-"""Data sources: the embedded digits, any TFDS dataset, an ImageFolder tree.
+"""Data sources: the embedded digits, any TFDS dataset, an ImageFolder tree, ArrayRecord shards
+made from either by `python -m sjmae_jax.data.prepare`.
 
 A source answers the metadata questions (classes, split sizes) and hands a split to the pipeline
 as one of:
@@ -6,6 +7,7 @@ as one of:
   * `FileSplit`: image files decoded with PIL at every read (random access by index);
   * `RecordSplit`: a TFDS split in a random-access format (ArrayRecord), read through
     `tfds.data_source` and decoded with PIL at every read; no TensorFlow involved;
+  * `ShardSplit`: records of our own ArrayRecord shards (prepare.py), decoded at every read;
   * `TfdsStreamSplit`: a TFDS split stored as TFRecord, read sequentially with tf.data (needs the
     TensorFlow extra; see tfrecord.py).
 Every bad-input case raises `DataError` with a one-line message, before anything is compiled.
@@ -28,6 +30,7 @@ from etils import epath
 from sjmae_jax.data import digits
 from sjmae_jax.data.augment_host import decode_image, resolve_decoder
 from sjmae_jax.data.errors import TF_EXTRA, DataError  # noqa: F401  (DataError: re-exported)
+from sjmae_jax.data.records import decode_record, read_index
 
 log = logging.getLogger(__name__)
 
@@ -572,6 +575,90 @@ class FolderSource:
     _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
 
 
+# ---------------------------------------------------------------------------------------------
+# ArrayRecord shards written by `python -m sjmae_jax.data.prepare` (see prepare.py).
+
+
+@dataclasses.dataclass
+class ShardSplit:
+  """Records of prepared shards, read by index and decoded at every read."""
+  source: object  # grain / array_record ArrayRecordDataSource over the split's shards
+  start: int  # the split expression's slice of it
+  stop: int
+  description: str
+  decoder: str = "pil"
+
+  @property
+  def num_examples(self):
+    return self.stop - self.start
+
+  def read(self, index):
+    label, name, encoded = decode_record(self.source[self.start + int(index)])
+    try:
+      image = decode_image(encoded, self.decoder)
+    except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
+      raise DataError(f"cannot decode image {name} of {self.description}: "
+                      f"{_first_line(error)}") from None
+    return image, label
+
+
+class ArrayRecordSource:
+  """arrayrecord:DIR, a directory written by `python -m sjmae_jax.data.prepare`."""
+
+  def __init__(self, cfg, directory):
+    self.directory = _absolute(directory)
+    self.description = f"ArrayRecord shards {self.directory}"
+    self.decoder = resolve_decoder(cfg.decoder)
+    if not self.directory.is_dir():
+      raise DataError(f"ArrayRecord directory does not exist: {self.directory} "
+                      f"(data.source=arrayrecord:{directory})")
+    self.index = read_index(self.directory)
+    self.class_names = list(self.index["class_names"])
+    self.num_classes = len(self.class_names)
+    self._sources = {}
+
+  def _named(self, name):
+    splits = self.index["splits"]
+    if name not in splits:
+      raise DataError(f"{self.description}: no split {name!r} (splits: {', '.join(splits)})")
+    return splits[name]
+
+  def num_examples(self, split):
+    sizes = lambda name: self._named(name)["num_examples"]
+    return sum(stop - start for _, start, stop in slice_indices(split, sizes))
+
+  def _records(self, name):
+    if name not in self._sources:
+      # pylint: disable-next=import-outside-toplevel
+      from array_record.python import array_record_data_source
+      entry = self._named(name)
+      # File instructions carry the counts of the index: no file is opened until it is read.
+      instructions = [_FileInstruction(os.fspath(self.directory / name / shard), 0, count, count)
+                      for shard, count in zip(entry["shards"], entry["counts"]) if count]
+      self._sources[name] = array_record_data_source.ArrayRecordDataSource(instructions)
+    return self._sources[name]
+
+  def load(self, split, cache):
+    del cache  # shards are for data too large to hold decoded; read by index
+    sizes = lambda name: self._named(name)["num_examples"]
+    parts = [ShardSplit(self._records(name), start, stop, self.description, self.decoder)
+             for name, start, stop in slice_indices(split, sizes) if stop > start]
+    if not parts:
+      raise DataError(f"split {split!r} of {self.description} has no examples")
+    if len(parts) > 1:
+      raise DataError(f"split {split!r} of {self.description}: one split (or slice of one) at a "
+                      "time for ArrayRecord shards")
+    return parts[0]
+
+
+@dataclasses.dataclass
+class _FileInstruction:  # array_record's FileInstruction protocol
+  filename: str
+  skip: int
+  take: int
+  examples_in_shard: int
+
+
 def _io_threads():
   return max(2, os.cpu_count() or 2)
 
@@ -616,5 +703,7 @@ def open_source(cfg):
     return _tfds_source(cfg, name)
   if source.startswith("folder:"):
     return FolderSource(cfg, source[len("folder:"):])
-  raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME' or "
-                  "'folder:PATH')")
+  if source.startswith("arrayrecord:"):
+    return ArrayRecordSource(cfg, source[len("arrayrecord:"):])
+  raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME', "
+                  "'folder:PATH' or 'arrayrecord:DIR')")
