@@ -301,3 +301,44 @@ def test_prepare_names_a_corrupt_file_in_one_line_or_skips_it(tmp_path):
   index = records.read_index(tmp_path / "shards")
   assert index["splits"]["train"]["skipped"] == ["train/a/001.jpg"]
   assert index["splits"]["train"]["num_examples"] == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py with workers: kill -9 mid-epoch, then the same command.
+
+
+def test_kill_9_mid_epoch_with_workers_then_resume_gives_identical_params(tmp_path):
+  import psutil
+  import jax
+  from sjmae_jax import checkpointing
+  from tests.helpers import run_train, start_train, wait_until
+  root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=32, sizes=((20, 24), (18, 17)))
+  overrides = {"data.source": f"folder:{root}", "data.data_dir": str(tmp_path / "cache"),
+               "data.cache": False, "data.num_workers": 2, "data.eval_split": "train[:32]",
+               "batch_size": 16, "epochs": 2, "warmup_epochs": 1,  # 8 steps, 4 per epoch
+               "checkpoint.every_steps": 1, "checkpoint.keep": 2}
+  reference = run_train(tmp_path / "reference", overrides=overrides)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  workdir = tmp_path / "run"
+  process = start_train(workdir, tmp_path / "log", overrides=overrides)
+  try:
+    checkpoints = workdir / "checkpoints"
+    wait_until(lambda: checkpoints.exists() and any(
+        p.name.isdigit() and 2 <= int(p.name) < 4 for p in checkpoints.iterdir()), process,
+               what="a checkpoint in the first epoch")
+    workers = psutil.Process(process.pid).children(recursive=True)
+  finally:
+    process.kill()  # SIGKILL: no cleanup of its own
+    process.wait()
+  assert workers  # the input worker processes, which end with it
+  psutil.wait_procs([w for w in workers if w.is_running()], timeout=60)
+  assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+  result = run_train(workdir, overrides=overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "from step 0;" not in result.stdout  # it resumed
+  assert "Exception ignored" not in result.stderr and "leaked" not in result.stderr
+  for a, b in zip(jax.tree.leaves(checkpointing.load_params(tmp_path / "reference")[0]),
+                  jax.tree.leaves(checkpointing.load_params(workdir)[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
