@@ -20,6 +20,8 @@ Cases:
                 pre-batches only (what the host does when the views are finished on the
                 accelerator), one row per way of reading: threads or --workers processes, PIL or
                 simplejpeg, the folder or ArrayRecord shards made from it (data.prepare, timed).
+Rows give images/s (wall clock), per core, and images per CPU-second of this process and its
+workers (psutil): the per-core rate that does not depend on what else runs on the machine.
 Each of the first two cases times the views finished on the host (data.augment_on_device=False);
 --split-stages also times the pre-batches alone (data.augment_on_device=True, the default on
 accelerators: everything the host still does when the views are computed in the training step).
@@ -96,13 +98,16 @@ def main():
     for _ in range(3):  # warm-up: Grain threads / worker processes start, jit compile
       next(train)
     build = time.perf_counter() - start
+    cpu_start = cpu_seconds()
     start = time.perf_counter()
     for _ in range(args.steps):
       batch = next(train)
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
     rate = args.steps * args.batch / seconds
     shapes = {key: value.shape for key, value in batch.items()}
     print(f"{label:<52} {rate:9.0f} images/s  {rate / cores:8.0f} images/s/core  "
+          f"{args.steps * args.batch / cpu:8.0f} images/CPU-s  "
           f"(build + warm-up {build:.1f} s) {shapes}", flush=True)
     train.close()
     return rate
@@ -176,6 +181,23 @@ def main():
       cfg.decoder = decoder
       measure(cfg, label)
   work_dir.cleanup()
+
+
+def cpu_seconds():
+  """CPU time (user + system) of this process and its live children (Grain's workers) so far.
+
+  images / CPU-second is what one core dedicated to the pipeline gives, whatever else runs on
+  the machine (on a shared machine images/s is not).
+  """
+  import psutil  # pylint: disable=import-outside-toplevel
+  process = psutil.Process()
+  total = sum(process.cpu_times()[:2])
+  for child in process.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+      pass
+  return total
 
 
 def _installed(name):

@@ -668,6 +668,23 @@ def test_tfds_array_record_is_read_by_index_like_any_indexed_source(tfds_dirs):
 
 
 @pytest.mark.no_tf
+def test_prepare_makes_array_record_shards_of_a_tfds_dataset_with_its_order(tfds_dirs, tmp_path):
+  from sjmae_jax.data import prepare
+  index = prepare.prepare("tfds:sjmae_test_images", tmp_path / "shards",
+                          data_dir=tfds_dirs["array_record"], examples_per_shard=16,
+                          log=lambda line: None)
+  assert index["class_names"] == ["a", "b", "c"]
+  assert {split: entry["counts"] for split, entry in index["splits"].items()} == {
+      "train": [16, 16, 8], "test": [10]}
+  batches = {}
+  for source in ("tfds:sjmae_test_images", f"arrayrecord:{tmp_path / 'shards'}"):
+    cfg = tfds_config(tfds_dirs["array_record"], source=source, cache=False, num_workers=0)
+    batches[source] = take(data.build_train_pipeline(cfg, global_batch_size=8, seed=0,
+                                                     process_index=0, process_count=1), 6)
+  assert_batches_equal(*batches.values())
+
+
+@pytest.mark.no_tf
 def test_tfds_splits_over_the_cache_limit_are_read_by_index(tfds_dirs):
   build = lambda cache_max_gb: data.build_train_pipeline(
       tfds_config(tfds_dirs["array_record"], cache_max_gb=cache_max_gb), global_batch_size=8,

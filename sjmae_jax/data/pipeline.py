@@ -19,7 +19,10 @@ pre-batch (a gather of uint8 images plus NumPy crop specs). Everything else (ima
 ArrayRecord records, large images): a MapDataset indexed by the example's position in the run
 whose element is that image decoded and cropped with PIL, run in Grain's threads, then batched.
 The Grain iterator's state is that position; `checkpoint_state(step)` is what the trainer saves
-with the checkpoint of `step`, and `restore` checks it and starts from it.
+with the checkpoint of `step`, and `restore` checks it and starts from it. With worker processes
+(data.num_workers, for images decoded at every read) the element is a whole pre-batch made in a
+worker (`worker_dataset`): Grain deals the steps out to the workers in turn and merges them back
+in order, so the batches are the same as with threads, and the dataset starts at the step.
 
 The host builds a "pre-batch" (uint8 images or crops, crop specs, uniforms, labels); the JAX
 function `augment_jax.finish_views` turns it into normalised views. With
