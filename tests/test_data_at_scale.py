@@ -204,7 +204,6 @@ def test_a_corrupt_file_or_a_killed_worker_ends_the_run_in_one_line(tmp_path):
 
 
 def test_prepare_round_trips_a_folder_and_training_reads_the_same_batches(tmp_path):
-  from sjmae_jax.data import prepare
   root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=5)
   write_jpeg_folder(str(tmp_path / "jpegs_test"), per_class=2, classes=("b",))
   os.rename(tmp_path / "jpegs_test" / "train", tmp_path / "jpegs" / "test")
@@ -283,7 +282,6 @@ def test_prepare_resumes_after_a_kill_and_checks_counts(tmp_path):
 
 
 def test_prepare_names_a_corrupt_file_in_one_line_or_skips_it(tmp_path):
-  from sjmae_jax.data import prepare
   root = write_jpeg_folder(str(tmp_path / "jpegs"), per_class=3)
   bad = os.path.join(root, "train", "a", "001.jpg")
   with open(bad, "wb") as f:
