@@ -39,7 +39,7 @@ def cifar10_dir() -> str:
 
 def data_config(name: str, img: int, views: tuple) -> ml_collections.ConfigDict:
   """Data presets: 'digits' (offline default), 'cifar10' (the ImageFolder at $SJMAE_CIFAR10_DIR,
-  else TFDS's cifar10), any TFDS name, or 'folder:PATH'."""
+  else TFDS's cifar10), any TFDS name, 'folder:PATH' or 'arrayrecord:DIR' (data.prepare)."""
   cfg = data_lib.default_config()
   cfg.img_size = img
   cfg.views = list(views)
@@ -48,7 +48,7 @@ def data_config(name: str, img: int, views: tuple) -> ml_collections.ConfigDict:
   elif name == "cifar10":
     cfg.source = f"folder:{cifar10_dir()}" if cifar10_dir() else "tfds:cifar10"
     cfg.train_split, cfg.eval_split = "train", "test"
-  elif name.startswith(("tfds:", "folder:")):
+  elif name.startswith(("tfds:", "folder:", "arrayrecord:")):
     cfg.source = name
   else:
     cfg.source = f"tfds:{name}"

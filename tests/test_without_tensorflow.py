@@ -102,5 +102,5 @@ def test_input_benchmark_smoke():
   assert result.returncode == 0, result.stderr[-3000:]
   rates = [float(line.split("images/s")[0].split()[-1]) for line in result.stdout.splitlines()
            if line.startswith("(")]
-  assert len(rates) == 4 and all(rate > 0 for rate in rates)
+  assert len(rates) == 6 and all(rate > 0 for rate in rates)  # 2 + 2 + 2 rows (photos224)
   assert "TensorFlow loaded" not in result.stdout

@@ -10,7 +10,8 @@
 from sjmae_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, default_config
 from sjmae_jax.data.pipeline import (EvalPipeline, TrainPipeline, build_eval_pipeline,
                                      build_train_pipeline, dataset_info)
-from sjmae_jax.data.sources import DataError, DatasetInfo
+from sjmae_jax.data.errors import DataError
+from sjmae_jax.data.sources import DatasetInfo
 
 __all__ = [
     "DataError", "DatasetInfo", "EvalPipeline", "IMAGENET_MEAN", "IMAGENET_STD", "TrainPipeline",

@@ -18,7 +18,9 @@ Images are channels-last RGB uint8.
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from sjmae_jax.data.errors import DataError
 
 # Layout of the uniforms of one view.
 U_AREA = slice(0, 10)  # RandomResizedCrop: up to 10 attempts (torchvision)
@@ -65,9 +67,58 @@ def draw_uniforms(key, shape):
   return generator(*key).random((*shape, NUM_UNIFORMS), dtype=np.float32)
 
 
-def decode_image(data):
-  """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3] (gray replicated, alpha dropped)."""
-  with Image.open(io.BytesIO(data)) as image:
+DECODERS = ("auto", "simplejpeg", "pil")
+
+
+def resolve_decoder(name):
+  """data.decoder -> 'simplejpeg' or 'pil'. 'auto': simplejpeg when it is installed.
+
+  Both decode JPEGs with libjpeg-turbo's default (islow DCT, fancy upsampling): the pixels are the
+  same (tests/test_data.py compares them); simplejpeg skips PIL's image object and its copies.
+  """
+  if name not in DECODERS:
+    raise DataError(f"data.decoder={name!r} (expected one of {', '.join(DECODERS)})")
+  if name == "pil":
+    return name
+  try:
+    import simplejpeg  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    if name == "auto":
+      return "pil"
+    raise DataError("data.decoder='simplejpeg' needs the simplejpeg package (pip install "
+                    "simplejpeg), or set data.decoder='pil'") from None
+  return "simplejpeg"
+
+
+def _decode_jpeg_simplejpeg(data):
+  """uint8 [H, W, 3], or None where PIL must decode: not a JPEG, CMYK / YCCK (PIL inverts Adobe
+  CMYK, libjpeg-turbo does not), or damaged (PIL then raises its own error)."""
+  import simplejpeg  # pylint: disable=import-outside-toplevel
+  if bytes(data[:3]) != b"\xff\xd8\xff":
+    return None
+  try:
+    if simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray", "RGB"):
+      return None
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+  except ValueError:
+    return None
+
+
+def decode_image(data, decoder="pil"):
+  """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3] (gray replicated, alpha dropped).
+
+  `decoder`: 'pil', or 'simplejpeg' for JPEGs (a resolve_decoder result; the same pixels).
+  """
+  if decoder == "simplejpeg":
+    image = _decode_jpeg_simplejpeg(data)
+    if image is not None:
+      return image
+  try:
+    opened = Image.open(io.BytesIO(data))
+  except UnidentifiedImageError:  # PIL's message names the BytesIO object, not the file
+    raise UnidentifiedImageError("cannot identify the image format (not a JPEG / PNG / BMP / "
+                                 "GIF file)") from None
+  with opened as image:
     return np.asarray(image.convert("RGB"))
 
 

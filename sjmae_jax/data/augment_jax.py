@@ -15,7 +15,7 @@ import numpy as np
 
 from sjmae_jax.data import augment_host as spec
 from sjmae_jax.data import randaugment, random_erasing
-from sjmae_jax.data.sources import DataError
+from sjmae_jax.data.errors import DataError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL / torchvision rgb_to_grayscale
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes for pixel resampling on GPUs

@@ -57,7 +57,8 @@ RECIPE_KEYS = tuple(_recipe())
 def default_config():
   """The `data` section of an experiment config (an ml_collections.ConfigDict)."""
   cfg = ml_collections.ConfigDict()
-  # 'digits' (embedded, offline), 'tfds:NAME[:VERSION]' or 'folder:PATH' (ImageFolder layout).
+  # 'digits' (embedded, offline), 'tfds:NAME[:VERSION]', 'folder:PATH' (ImageFolder layout) or
+  # 'arrayrecord:DIR' (shards written by python -m sjmae_jax.data.prepare).
   cfg.source = "digits"
   cfg.train_split = "train"
   cfg.eval_split = "test"
@@ -92,8 +93,17 @@ def default_config():
   cfg.cache_max_gb = 16.0  # larger splits are decoded at every read instead
   cfg.shuffle_buffer = 10_000  # used only when streaming a TFRecord TFDS split (TensorFlow extra)
   cfg.skip_corrupt = False  # folder sources: skip undecodable files (counted in the log)
+  # JPEG decoder: 'auto' (simplejpeg when installed, else PIL), 'simplejpeg' or 'pil'. Both use
+  # libjpeg-turbo with the same settings and give the same pixels; simplejpeg skips PIL's copies
+  # (decode + 224 px crop of a 500 x 375 photo: ~1.2x fewer CPU-seconds, BENCHMARKS.md).
+  cfg.decoder = "auto"
   cfg.prefetch = 2  # host-side batches prepared ahead (Grain's prefetch buffer)
   cfg.num_threads = 16  # Grain threads preparing them (image decoding and cropping with PIL)
+  # Grain worker processes decoding images that are read from files / records at every step
+  # (each makes whole batches, data.prefetch ahead, in up to that many threads): 'auto' = one per
+  # host core for splits of >= 10,000 images, 0 = threads of this process only. In-memory data
+  # never uses them.
+  cfg.num_workers = ml_collections.FieldReference("auto", field_type=object)
   # Compute the views (crop of cached images, colour ops, normalisation) inside the training
   # step on the accelerator instead of on the host CPU (see TrainPipeline.finish_batch):
   # True, False, or 'auto' = on when JAX's default backend is not the CPU.

@@ -19,7 +19,10 @@ pre-batch (a gather of uint8 images plus NumPy crop specs). Everything else (ima
 ArrayRecord records, large images): a MapDataset indexed by the example's position in the run
 whose element is that image decoded and cropped with PIL, run in Grain's threads, then batched.
 The Grain iterator's state is that position; `checkpoint_state(step)` is what the trainer saves
-with the checkpoint of `step`, and `restore` checks it and starts from it.
+with the checkpoint of `step`, and `restore` checks it and starts from it. With worker processes
+(data.num_workers, for images decoded at every read) the element is a whole pre-batch made in a
+worker (`worker_dataset`): Grain deals the steps out to the workers in turn and merges them back
+in order, so the batches are the same as with threads, and the dataset starts at the step.
 
 The host builds a "pre-batch" (uint8 images or crops, crop specs, uniforms, labels); the JAX
 function `augment_jax.finish_views` turns it into normalised views. With
@@ -33,21 +36,30 @@ buffer seeded from (seed, epoch, process), uniforms from (seed, epoch, process, 
 Deterministic and resumable the same way, but the batches depend on the process count.
 """
 
+import atexit
 import collections
 import concurrent.futures
 import functools
+import gc
 import itertools
 import json
 import logging
 import math
+import os
+import re
+import signal
+import threading
+import weakref
 
 import grain
+from absl import flags as absl_flags
 import jax
 import numpy as np
 
 from sjmae_jax.data import augment_host, augment_jax
 from sjmae_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, RECIPE_KEYS
-from sjmae_jax.data.sources import ArraySplit, DataError, DatasetInfo, TfdsStreamSplit, open_source
+from sjmae_jax.data.errors import DataError
+from sjmae_jax.data.sources import ArraySplit, DatasetInfo, TfdsStreamSplit, open_source
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +146,64 @@ def _check_read_config(cfg):
   if cfg.num_threads < 0 or cfg.prefetch < 1:
     raise DataError(f"data.num_threads={cfg.num_threads} / data.prefetch={cfg.prefetch} (expected "
                     ">= 0 / >= 1)")
+  resolve_num_workers(cfg.num_workers)
+
+
+def host_cores():
+  """CPU cores this process may run on (its affinity mask: taskset, cgroups' cpusets)."""
+  return len(os.sched_getaffinity(0))
+
+
+# 'auto' starts workers for splits at least this large: below, their start-up (a fresh
+# interpreter importing JAX and Grain, seconds each) costs more than they save.
+AUTO_WORKERS_MIN_EXAMPLES = 10_000
+
+
+def resolve_num_workers(value, num_examples=None):
+  """data.num_workers: an int >= 0, or 'auto' = one worker process per host core (none for
+  splits under AUTO_WORKERS_MIN_EXAMPLES examples)."""
+  if value == "auto":
+    small = num_examples is not None and num_examples < AUTO_WORKERS_MIN_EXAMPLES
+    return 0 if small else host_cores()
+  try:
+    count = int(value)
+  except (TypeError, ValueError):
+    count = -1
+  if count < 0 or str(value).strip() != str(count):
+    raise DataError(f"data.num_workers={value!r} (expected 'auto' or an integer >= 0)")
+  return count
+
+
+def _worker_init(worker_index, num_workers):
+  """Runs first in each Grain worker process: end it when its parent is gone (kill -9 of the
+  trainer leaves no orphan blocked on a full queue), and let the parent handle Ctrl-C."""
+  del worker_index, num_workers
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      threading.Event().wait(1.0)
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True, name="sjmae-parent-watch").start()
+
+
+_WORKER_DIED_RE = re.compile(r"terminated unexpectedly with exit code (-?\d+)")
+
+
+def _worker_died(error, worker, num_workers):
+  """Grain's 'Worker process was terminated unexpectedly' as one DataError line, or None."""
+  match = _WORKER_DIED_RE.search(str(error))
+  if not match:
+    return None
+  code = int(match.group(1))
+  how = f"exit code {code}"
+  if code < 0:
+    how = f"killed by {signal.Signals(-code).name}"
+    if -code == signal.SIGKILL:
+      how += ", e.g. by the kernel when the host ran out of memory"
+  return DataError(f"input worker process {worker} of {num_workers} died ({how}); lower "
+                   "data.num_workers or data.prefetch if memory is short")
 
 
 def _read_options(cfg, buffer_size):
@@ -225,9 +295,20 @@ class _TrainOrder:
     self.seed, self.num_examples, self.steps_per_epoch = seed, num_examples, steps_per_epoch
     self.global_batch, self.local_batch, self.num_views = global_batch, local_batch, num_views
     self.local = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    self._make_caches()
+
+  def _make_caches(self):
     # Per-example elements ask for the same epoch / batch many times, from several threads.
     self._permutation = functools.lru_cache(maxsize=2)(self._draw_permutation)
     self._uniforms = functools.lru_cache(maxsize=16)(self._draw_uniforms)
+
+  def __getstate__(self):  # sent to Grain's worker processes without its caches
+    return {key: value for key, value in self.__dict__.items()
+            if key not in ("_permutation", "_uniforms")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._make_caches()
 
   def _draw_permutation(self, epoch):
     generator = augment_host.generator(self.seed, _PERMUTATION_SALT, epoch)
@@ -245,6 +326,12 @@ class _TrainOrder:
 
   def uniforms(self, step):
     return self._uniforms(*divmod(step, self.steps_per_epoch))
+
+
+def _close_pipeline(pipeline_ref):
+  pipeline = pipeline_ref()
+  if pipeline is not None:
+    pipeline.close()
 
 
 class TrainPipeline:
@@ -284,25 +371,60 @@ class TrainPipeline:
     if start_step < 0:
       raise DataError(f"start_step must be >= 0, got {start_step}")
     _check_read_config(cfg)
+    # Worker processes pay where each image is decoded at every read; cached arrays are
+    # gathered in one batched step, and TFRecord streams are read in this process.
+    self.num_workers = (0 if _crops_in_batch(self.split_data)
+                        or isinstance(self.split_data, TfdsStreamSplit)
+                        else resolve_num_workers(cfg.num_workers, self.num_examples))
     self._order = _TrainOrder(self.seed, self.num_examples, self.steps_per_epoch,
                               global_batch_size, self.local_batch_size, self.process_index,
                               self.num_views)
     self.step = int(start_step)
     self._iterator = None
+    self._worker_iterator = None
 
   def __iter__(self):
     return self
 
+  def close(self):
+    """Stops the worker processes (if any); also done when the pipeline is dropped and at exit.
+    The pipeline is then spent."""
+    iterator, self._worker_iterator = getattr(self, "_worker_iterator", None), None
+    if iterator is not None:
+      iterator.close()
+      self._iterator = iter(())  # spent
+      del iterator
+      # Grain leaves unstarted iterators in reference cycles; collected now, not at interpreter
+      # teardown, where their __del__ fails noisily ('Exception ignored in ...').
+      gc.collect()
+
+  def __del__(self):
+    self.close()
+
   def __next__(self):
     if self._iterator is None:
+      self._iterator_start = self.step
       if isinstance(self.split_data, TfdsStreamSplit):
         pre_batches = self._stream_pre_batches()
+      elif self.num_workers:
+        pre_batches = iter(self.worker_dataset(self.step))
+        self._worker_iterator = pre_batches
+        # Before multiprocessing's own exit handler (atexit runs the last registered first):
+        # workers stopped and shared memory released while the interpreter is still whole.
+        atexit.register(_close_pipeline, weakref.ref(self))
       else:
         pre_batches = iter(self.dataset())
         pre_batches.set_state(self._grain_state(self.step))
       self._iterator = (pre_batches if self.augment_on_device
                         else _finished_on_host(pre_batches, self.finish_batch))
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except RuntimeError as error:  # Grain's message when a worker process died
+      worker = (self.step - self._iterator_start) % max(self.num_workers, 1)
+      died = _worker_died(error, worker, self.num_workers)
+      if died is None:
+        raise
+      raise died from None
     self.step += 1
     return batch
 
@@ -363,11 +485,37 @@ class TrainPipeline:
     dataset = dataset.to_iter_dataset(_read_options(self._cfg, prefetch * local_batch))
     return dataset.batch(local_batch, drop_remainder=True)
 
+  def worker_dataset(self, start_step):
+    """The same pre-batches from `start_step` on, made in `num_workers` Grain worker processes.
+
+    Each element is a whole pre-batch (the examples of dataset(), batched the same way), so
+    Grain's split of the elements over workers (worker w makes the batches start_step + w,
+    + w + num_workers, ...) and its round-robin merge give the batches in order: the same
+    batches as dataset(), whatever the worker count. The start is part of the dataset (no
+    worker state to restore), so a run may resume with another worker count.
+    """
+    order, split_data, pre_batcher = self._order, self.split_data, self._pre_batcher
+    local_batch, prefetch = self.local_batch_size, int(self._cfg.prefetch)
+
+    def example(position):
+      step, row = divmod(position, local_batch)
+      return pre_batcher.example(split_data, order.indices(step)[row], order.uniforms(step)[row])
+    dataset = grain.MapDataset.range(start_step * local_batch, _MAX_STEPS * local_batch)
+    dataset = dataset.map(example).batch(local_batch, drop_remainder=True)
+    dataset = dataset.to_iter_dataset(_read_options(self._cfg, prefetch))
+    if not absl_flags.FLAGS.is_parsed():  # Grain reads its flags' defaults when it starts workers
+      absl_flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(
+        grain.multiprocessing.MultiprocessingOptions(num_workers=self.num_workers,
+                                                     per_worker_buffer_size=prefetch),
+        worker_init_fn=_worker_init)
+
   def _stream_pre_batches(self):
     from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
     cfg, stream = self._cfg, self.split_data
     steps, local_batch, num_views = self.steps_per_epoch, self.local_batch_size, self.num_views
     epoch, start_batch = divmod(self.step, steps)
+    decoder = augment_host.resolve_decoder(cfg.decoder)
     with concurrent.futures.ThreadPoolExecutor(max(int(cfg.num_threads), 1)) as pool:
       while True:
         shuffle_seed = int(augment_host.generator(
@@ -382,13 +530,13 @@ class TrainPipeline:
           uniforms = augment_host.draw_uniforms(
               (self.seed, _STREAM_SALT, epoch, self.process_index, batch),
               (local_batch, num_views))
-          yield _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms)
+          yield _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms, decoder)
         epoch, start_batch = epoch + 1, 0
 
 
-def _stream_pre_batch(pool, pre_batcher, chunk, uniforms):
-  crops = pool.map(lambda row: pre_batcher.crops(augment_host.decode_image(chunk[row][0]),
-                                                 uniforms[row]), range(len(chunk)))
+def _stream_pre_batch(pool, pre_batcher, chunk, uniforms, decoder):
+  crops = pool.map(lambda row: pre_batcher.crops(
+      augment_host.decode_image(chunk[row][0], decoder), uniforms[row]), range(len(chunk)))
   return {"crops": np.stack(list(crops)), "uniforms": uniforms,
           "label": np.asarray([label for _, label in chunk], np.int32)}
 
@@ -480,7 +628,8 @@ class EvalPipeline:
         crops = np.zeros((local_batch, 1, size, size, 3), np.uint8)
         labels = np.zeros(local_batch, np.int32)
         if chunk:
-          pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)])
+          pre_batch = _stream_pre_batch(pool, self._pre_batcher, chunk, uniforms[:len(chunk)],
+                                        augment_host.resolve_decoder(self._cfg.decoder))
           crops[:len(chunk)], labels[:len(chunk)] = pre_batch["crops"], pre_batch["label"]
         yield {"crops": crops, "uniforms": uniforms, "label": labels,
                "valid": np.arange(local_batch) < len(chunk)}

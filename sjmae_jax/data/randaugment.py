@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjmae_jax.data import augment_host as spec
-from sjmae_jax.data.sources import DataError
+from sjmae_jax.data.errors import DataError
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full op strength
 

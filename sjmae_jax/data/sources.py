@@ -1,4 +1,5 @@
-"""Data sources: the embedded digits, any TFDS dataset, an ImageFolder tree.
+"""Data sources: the embedded digits, any TFDS dataset, an ImageFolder tree, ArrayRecord shards
+made from either by `python -m sjmae_jax.data.prepare`.
 
 A source answers the metadata questions (classes, split sizes) and hands a split to the pipeline
 as one of:
@@ -6,6 +7,7 @@ as one of:
   * `FileSplit`: image files decoded with PIL at every read (random access by index);
   * `RecordSplit`: a TFDS split in a random-access format (ArrayRecord), read through
     `tfds.data_source` and decoded with PIL at every read; no TensorFlow involved;
+  * `ShardSplit`: records of our own ArrayRecord shards (prepare.py), decoded at every read;
   * `TfdsStreamSplit`: a TFDS split stored as TFRecord, read sequentially with tf.data (needs the
     TensorFlow extra; see tfrecord.py).
 Every bad-input case raises `DataError` with a one-line message, before anything is compiled.
@@ -26,16 +28,13 @@ import numpy as np
 from etils import epath
 
 from sjmae_jax.data import digits
-from sjmae_jax.data.augment_host import decode_image
+from sjmae_jax.data.augment_host import decode_image, resolve_decoder
+from sjmae_jax.data.errors import TF_EXTRA, DataError  # noqa: F401  (DataError: re-exported)
+from sjmae_jax.data.records import decode_record, read_index
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-TF_EXTRA = "pip install -r requirements-tf.txt (or sjmae-jax[tf])"
-
-
-class DataError(ValueError):
-  """Bad input data or data config; the message is one line naming the file / key / value."""
 
 
 @dataclasses.dataclass
@@ -53,15 +52,16 @@ class ArraySplit:
 
 @dataclasses.dataclass
 class FileSplit:
-  files: list  # path strings (local or gs://), decoded with PIL at every read
+  files: list  # path strings (local or gs://), decoded at every read
   labels: np.ndarray  # int32 [N]
+  decoder: str = "pil"  # augment_host.decode_image's decoder
 
   @property
   def num_examples(self):
     return len(self.labels)
 
   def read(self, index):
-    image, error = _decode_file(self.files[index])
+    image, error = _decode_file(self.files[index], self.decoder)
     if error is not None:
       raise DataError(f"cannot decode image {self.files[index]}: {error}")
     return image, int(self.labels[index])
@@ -73,6 +73,7 @@ class RecordSplit:
   image_key: str
   label_key: str
   description: str
+  decoder: str = "pil"
 
   @property
   def num_examples(self):
@@ -81,7 +82,7 @@ class RecordSplit:
   def read(self, index):
     example = self.source[int(index)]
     try:
-      image = decode_image(example[self.image_key])
+      image = decode_image(example[self.image_key], self.decoder)
     except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
       raise DataError(f"{self.description}: cannot decode the image of example {index}: "
                       f"{_first_line(error)}") from None
@@ -250,6 +251,7 @@ class TfdsSource:
     self.description = f"TFDS dataset {name!r}"
     self.name = name
     self.builder = builder
+    self.decoder = resolve_decoder(cfg.decoder)
     self.image_key = cfg.image_key
     self.label_key = cfg.label_key
     features = builder.info.features
@@ -315,7 +317,7 @@ class TfdsSource:
     tfds = _import_tfds()
     source = self.builder.as_data_source(
         split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
-    return RecordSplit(source, self.image_key, self.label_key, self.description)
+    return RecordSplit(source, self.image_key, self.label_key, self.description, self.decoder)
 
   def _read_arrays(self, split):
     if self.random_access:
@@ -324,8 +326,9 @@ class TfdsSource:
         examples = list(pool.map(records.read, range(records.num_examples), chunksize=256))
     else:
       from sjmae_jax.data import tfrecord  # pylint: disable=import-outside-toplevel
-      examples = [(decode_image(image), label) for image, label in tfrecord.read_examples(
-          self.builder, split, self.image_key, self.label_key)]
+      examples = [(decode_image(image, self.decoder), label)
+                  for image, label in tfrecord.read_examples(self.builder, split, self.image_key,
+                                                             self.label_key)]
     images = np.stack([image for image, _ in examples])
     return ArraySplit(images, np.asarray([label for _, label in examples], np.int32))
 
@@ -413,6 +416,7 @@ class FolderSource:
     self.data_dir = epath.Path(cfg.data_dir).expanduser()
     self.skip_corrupt = bool(cfg.skip_corrupt)
     self.cache_max_bytes = cfg.cache_max_gb * 2**30
+    self.decoder = resolve_decoder(cfg.decoder)
     if not self.root.is_dir():
       raise DataError(f"image folder does not exist: {self.root} (data.source=folder:{root})")
     split_dirs = _subdirectories(self.root)
@@ -480,7 +484,8 @@ class FolderSource:
       if isinstance(prepared, ArraySplit):
         parts.append(ArraySplit(prepared.images[start:stop], prepared.labels[start:stop]))
       else:
-        parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop]))
+        parts.append(FileSplit(prepared.files[start:stop], prepared.labels[start:stop],
+                               self.decoder))
     if sum(part.num_examples for part in parts) == 0:
       raise DataError(f"split {split!r} of {self.description} has no images")
     if len(parts) == 1:
@@ -495,7 +500,7 @@ class FolderSource:
       prepared = self.prepare(name, cache=False)
       files.extend(prepared.files[start:stop])
       labels.append(prepared.labels[start:stop])
-    return FileSplit(files, np.concatenate(labels))
+    return FileSplit(files, np.concatenate(labels), self.decoder)
 
   def prepare(self, split, cache):
     """Validates (decodes) every image of a split once; caches uint8 arrays when possible.
@@ -524,7 +529,7 @@ class FolderSource:
       with images_path.open("rb") as f:
         result = ArraySplit(np.load(f), labels[kept])
     else:
-      result = FileSplit([files[index] for index in kept], labels[kept])
+      result = FileSplit([files[index] for index in kept], labels[kept], self.decoder)
     self.skipped_files[split] = meta["skipped"]
     self._prepared[key] = result
     return result
@@ -549,7 +554,8 @@ class FolderSource:
     shapes = set()
     arrays = [None] * len(files) if keep_arrays else None
     with concurrent.futures.ThreadPoolExecutor(_io_threads()) as pool:
-      for index, (array, error) in enumerate(pool.map(_decode_file, files, chunksize=64)):
+      decoded = pool.map(_decode_file, files, [self.decoder] * len(files), chunksize=64)
+      for index, (array, error) in enumerate(decoded):
         if arrays is not None and array is not None and array.nbytes * len(files) > (
             self.cache_max_bytes):
           log.warning("%s split %r: decoded images would exceed data.cache_max_gb; they are "
@@ -578,6 +584,90 @@ class FolderSource:
     _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
 
 
+# ---------------------------------------------------------------------------------------------
+# ArrayRecord shards written by `python -m sjmae_jax.data.prepare` (see prepare.py).
+
+
+@dataclasses.dataclass
+class ShardSplit:
+  """Records of prepared shards, read by index and decoded at every read."""
+  source: object  # grain / array_record ArrayRecordDataSource over the split's shards
+  start: int  # the split expression's slice of it
+  stop: int
+  description: str
+  decoder: str = "pil"
+
+  @property
+  def num_examples(self):
+    return self.stop - self.start
+
+  def read(self, index):
+    label, name, encoded = decode_record(self.source[self.start + int(index)])
+    try:
+      image = decode_image(encoded, self.decoder)
+    except Exception as error:  # PIL raises many types for bad data  # pylint: disable=broad-except
+      raise DataError(f"cannot decode image {name} of {self.description}: "
+                      f"{_first_line(error)}") from None
+    return image, label
+
+
+class ArrayRecordSource:
+  """arrayrecord:DIR, a directory written by `python -m sjmae_jax.data.prepare`."""
+
+  def __init__(self, cfg, directory):
+    self.directory = _absolute(directory)
+    self.description = f"ArrayRecord shards {self.directory}"
+    self.decoder = resolve_decoder(cfg.decoder)
+    if not self.directory.is_dir():
+      raise DataError(f"ArrayRecord directory does not exist: {self.directory} "
+                      f"(data.source=arrayrecord:{directory})")
+    self.index = read_index(self.directory)
+    self.class_names = list(self.index["class_names"])
+    self.num_classes = len(self.class_names)
+    self._sources = {}
+
+  def _named(self, name):
+    splits = self.index["splits"]
+    if name not in splits:
+      raise DataError(f"{self.description}: no split {name!r} (splits: {', '.join(splits)})")
+    return splits[name]
+
+  def num_examples(self, split):
+    sizes = lambda name: self._named(name)["num_examples"]
+    return sum(stop - start for _, start, stop in slice_indices(split, sizes))
+
+  def _records(self, name):
+    if name not in self._sources:
+      # pylint: disable-next=import-outside-toplevel
+      from array_record.python import array_record_data_source
+      entry = self._named(name)
+      # File instructions carry the counts of the index: no file is opened until it is read.
+      instructions = [_FileInstruction(os.fspath(self.directory / name / shard), 0, count, count)
+                      for shard, count in zip(entry["shards"], entry["counts"]) if count]
+      self._sources[name] = array_record_data_source.ArrayRecordDataSource(instructions)
+    return self._sources[name]
+
+  def load(self, split, cache):
+    del cache  # shards are for data too large to hold decoded; read by index
+    sizes = lambda name: self._named(name)["num_examples"]
+    parts = [ShardSplit(self._records(name), start, stop, self.description, self.decoder)
+             for name, start, stop in slice_indices(split, sizes) if stop > start]
+    if not parts:
+      raise DataError(f"split {split!r} of {self.description} has no examples")
+    if len(parts) > 1:
+      raise DataError(f"split {split!r} of {self.description}: one split (or slice of one) at a "
+                      "time for ArrayRecord shards")
+    return parts[0]
+
+
+@dataclasses.dataclass
+class _FileInstruction:  # array_record's FileInstruction protocol
+  filename: str
+  skip: int
+  take: int
+  examples_in_shard: int
+
+
 def _io_threads():
   return max(2, os.cpu_count() or 2)
 
@@ -588,14 +678,14 @@ def _subdirectories(path):
                 if not entry.name.startswith(".") and entry.is_dir())
 
 
-def _decode_file(path):
+def _decode_file(path, decoder="pil"):
   """(uint8 [H, W, 3] image, None) or (None, one-line reason)."""
   try:
     encoded = epath.Path(path).read_bytes()
   except OSError as error:
     return None, f"{type(error).__name__}: {error}"
   try:
-    return decode_image(encoded), None
+    return decode_image(encoded, decoder), None
   except Exception as error:  # PIL raises many types for bad files  # pylint: disable=broad-except
     return None, _first_line(error)
 
@@ -622,5 +712,7 @@ def open_source(cfg):
     return _tfds_source(cfg, name)
   if source.startswith("folder:"):
     return FolderSource(cfg, source[len("folder:"):])
-  raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME' or "
-                  "'folder:PATH')")
+  if source.startswith("arrayrecord:"):
+    return ArrayRecordSource(cfg, source[len("arrayrecord:"):])
+  raise DataError(f"unknown data.source {source!r} (expected 'digits', 'tfds:NAME', "
+                  "'folder:PATH' or 'arrayrecord:DIR')")

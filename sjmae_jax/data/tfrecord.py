@@ -5,7 +5,7 @@ Only the records are read here (encoded image bytes and labels); decoding and au
 the same NumPy / PIL code as for every other source.
 """
 
-from sjmae_jax.data.sources import TF_EXTRA, DataError
+from sjmae_jax.data.errors import TF_EXTRA, DataError
 
 
 def _tensorflow():
