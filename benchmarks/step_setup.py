@@ -14,16 +14,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The model levers: config.model key -> its fast value (the default is the plain form).
 MODEL_LEVERS = {"norm_impl": "fused", "gelu_impl": "fused", "gelu_approximate": True,
-                "gather_impl": "permute", "cast_params_once": True}
-LEVERS = ("dtype", "attention", "remat", "donate", "batch_passes", *MODEL_LEVERS, "xla_flags",
-          "batch")
+                "gather_impl": "permute", "cast_params_once": True, "qkv_impl": "split"}
+# --fast: the model levers measured together on one H200 on 2026-12-04 (docs/performance.md).
+FAST_LEVERS = ("norm_impl", "gelu_impl", "gather_impl", "cast_params_once")
+# Levers that give a model key another value than its MODEL_LEVERS one: name -> (key, value).
+VALUE_LEVERS = {"norm_pallas": ("norm_impl", "pallas"), "gelu_pallas": ("gelu_impl", "pallas")}
+LEVERS = ("dtype", "attention", "remat", "donate", "batch_passes", *MODEL_LEVERS, *VALUE_LEVERS,
+          "optim_flatten", "xla_flags", "batch")
 REMAT_POLICY_LEVER = "dots_with_no_batch_dims_saveable"
 # XLA GPU flags measured one set at a time by the xla_flags lever (--xla-flag-sets overrides).
 XLA_FLAG_SETS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cublaslt=true",
                  "--xla_gpu_autotune_level=0")
 # Levers that --best may combine: they change how the step runs, not what it computes.
 COMBINABLE = ("attention", "remat", "batch_passes", *(k for k in MODEL_LEVERS
-                                                      if k != "gelu_approximate"), "xla_flags")
+                                                      if k != "gelu_approximate"),
+              "optim_flatten", "xla_flags")
 BEST_GAIN = 1.02
 
 
@@ -40,6 +45,8 @@ class Setup:
   gelu_approximate: bool = False  # model.gelu_approximate
   gather_impl: str = "take"  # model.gather_impl
   cast_params_once: bool = False  # model.cast_params_once
+  qkv_impl: str = "fused"   # model.qkv_impl
+  optim_flatten: bool = False  # optim.flatten
   xla_flags: str = ""       # XLA_FLAGS of its own (the measurement runs in a new process)
   batch_scale: int = 1      # the global batch is --batch times this
 
@@ -111,6 +118,7 @@ def build_config(method: str, model: str, args, setup: Setup):
     config.model.remat_policy = setup.remat
   for key in MODEL_LEVERS:
     config.model[key] = getattr(setup, key)
+  config.optim.flatten = setup.optim_flatten
   if method == "sjmae":
     config.sjmae.batch_passes = setup.batch_passes
   return config
@@ -120,7 +128,8 @@ def setup_argv(setup: Setup) -> list:
   """The command-line options of this script that give `setup` (for a child process)."""
   argv = ["--dtype", setup.dtype, "--attention", setup.attention, f"--remat={setup.remat}",
           "--norm-impl", setup.norm_impl, "--gelu-impl", setup.gelu_impl,
-          "--gather-impl", setup.gather_impl]
+          "--gather-impl", setup.gather_impl, "--qkv-impl", setup.qkv_impl]
+  argv += ["--optim-flatten"] * setup.optim_flatten
   argv += ["--no-donate"] * (not setup.donate) + ["--no-batch-passes"] * (not setup.batch_passes)
   argv += ["--gelu-approximate"] * setup.gelu_approximate
   argv += ["--cast-params-once"] * setup.cast_params_once
@@ -174,6 +183,12 @@ def lever_setups(base: Setup, method: str, names: list, platform_name: str,
       plain = getattr(Setup(), name)
       value = MODEL_LEVERS[name] if getattr(base, name) == plain else plain
       variants.append((dataclasses.replace(base, **{name: value}), None))
+    elif name in VALUE_LEVERS:
+      key, value = VALUE_LEVERS[name]
+      value = value if getattr(base, key) != value else getattr(Setup(), key)
+      variants.append((dataclasses.replace(base, **{key: value}), None))
+    elif name == "optim_flatten":
+      variants.append((dataclasses.replace(base, optim_flatten=not base.optim_flatten), None))
     elif name == "xla_flags":
       for flags in flag_sets:
         variants.append((dataclasses.replace(base, xla_flags=flags), None))

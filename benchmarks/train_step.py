@@ -61,9 +61,9 @@ from benchmarks.step_bench import (FAILURES, PROFILE_SUMMARIES, StepBench, attem
                                    measure_e2e, measure_lever, measure_synthetic)
 from benchmarks.step_peers import describe_peer, peer_method, peer_row, run_peer
 # (REMAT_POLICY_LEVER, setup_argv, COLUMNS, SECTION_TITLE: this script's names for its users)
-from benchmarks.step_setup import (FAST_PATH, LEVERS, MODEL_LEVERS, REMAT_POLICY_LEVER,
-                                   XLA_FLAG_SETS, Setup, best_setup, build_config, lever_setups,
-                                   model_label, setup_argv)
+from benchmarks.step_setup import (FAST_LEVERS, FAST_PATH, LEVERS, MODEL_LEVERS,
+                                   REMAT_POLICY_LEVER, XLA_FLAG_SETS, Setup, best_setup,
+                                   build_config, lever_setups, model_label, setup_argv)
 from benchmarks.step_table import (COLUMNS, INVENTORY_COLUMNS, SECTION_TITLE, TABLE_HEADER,
                                    TABLE_RULE, append_to_benchmarks, device_name)
 # pylint: enable=wrong-import-position,unused-import
@@ -89,15 +89,20 @@ def parse_args(argv):
                       help="'' (off), full, or a jax.checkpoint_policies name")
   parser.add_argument("--no-donate", action="store_true")
   parser.add_argument("--no-batch-passes", action="store_true")
-  parser.add_argument("--norm-impl", choices=["flax", "fused"], default=FAST_PATH.norm_impl)
-  parser.add_argument("--gelu-impl", choices=["flax", "fused"], default=FAST_PATH.gelu_impl)
+  parser.add_argument("--norm-impl", choices=["flax", "fused", "pallas"],
+                      default=FAST_PATH.norm_impl)
+  parser.add_argument("--gelu-impl", choices=["flax", "fused", "pallas"],
+                      default=FAST_PATH.gelu_impl)
   parser.add_argument("--gelu-approximate", action="store_true")
   parser.add_argument("--gather-impl", choices=["take", "permute"],
                       default=FAST_PATH.gather_impl)
   parser.add_argument("--cast-params-once", action="store_true")
+  parser.add_argument("--qkv-impl", choices=["fused", "split"], default=FAST_PATH.qkv_impl)
+  parser.add_argument("--optim-flatten", action="store_true",
+                      help="optim.flatten: AdamW over flat vectors")
   parser.add_argument("--fast", action="store_true",
-                      help="all model levers on but the approximate GELU (fused norm and GELU, "
-                      "permute gathers, kernels cast once)")
+                      help="the model levers measured together on 2026-12-04: fused norm and "
+                      "GELU, permute gathers, kernels cast once")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile included)")
@@ -159,12 +164,12 @@ def parse_args(argv):
   args.inventory = args.inventory or args.compile_only
   model_levers = dict(norm_impl=args.norm_impl, gelu_impl=args.gelu_impl,
                       gelu_approximate=args.gelu_approximate, gather_impl=args.gather_impl,
-                      cast_params_once=args.cast_params_once)
+                      cast_params_once=args.cast_params_once, qkv_impl=args.qkv_impl)
   if args.fast:
-    model_levers.update({k: v for k, v in MODEL_LEVERS.items() if k != "gelu_approximate"})
+    model_levers.update({k: MODEL_LEVERS[k] for k in FAST_LEVERS})
   args.setup = Setup(dtype=args.dtype, attention=args.attention, remat=args.remat,
                      donate=not args.no_donate, batch_passes=not args.no_batch_passes,
-                     **model_levers)
+                     optim_flatten=args.optim_flatten, **model_levers)
   return args
 
 
