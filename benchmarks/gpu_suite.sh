@@ -58,11 +58,12 @@ bench() {
 run_stage() {
   case "$stage" in
     speed)
-      # Sizing (docs/performance.md): 3 torch.compile peers (~60 s each), 13 JAX compiles (base
-      # MAE and SJ-MAE, 9 lever rows, 2 best rows; ~20-40 s each for MAE ViT-B once XLA's
+      # Sizing (docs/performance.md): 3 torch.compile peers (~60 s each), 17 JAX compiles (base
+      # MAE and SJ-MAE, 13 lever rows, 2 best rows; ~20-40 s each for MAE ViT-B once XLA's
       # autotuning results are cached, ~60 s for SJ-MAE), timing 3 x 10 steps per row. No lever
       # row starts after --deadline (330 s); the best rows always run, so the stage ends within
-      # about 8.5 minutes and names any lever row it had no time for.
+      # about 8.5 minutes and names any lever row it had no time for (the last ones: the levers
+      # measured as a group on 2026-12-04 come after issue 23's new ones).
       cache=${CACHE_DIR:-/tmp/sjmae_jax_speed_cache}
       mkdir -p "$cache"
       export JAX_COMPILATION_CACHE_DIR="$cache/jax" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
@@ -71,8 +72,9 @@ run_stage() {
       if XLA_FLAGS="$autotune" "$python" -c "import jax; jax.devices()" >/dev/null 2>&1; then
         export XLA_FLAGS="${XLA_FLAGS:-} $autotune"  # shared by the xla_flags rows' processes
       fi
-      # the levers in the order of their predicted gain (docs/performance.md)
-      levers=gather_impl,norm_impl,gelu_impl,xla_flags,cast_params_once,gelu_approximate
+      # issue 23's kernel levers first, then issue 16's in the order of their predicted gain
+      levers=norm_pallas,gelu_pallas,qkv_impl,optim_flatten,gather_impl,norm_impl,gelu_impl
+      levers=$levers,xla_flags,cast_params_once,gelu_approximate
       bench --method mae,sjmae --model vit_base --img 224 --batch 256 \
         --peer "timm,mae:${MAE_DIR:-runs/mae},sjmae:${SJMAE_DIR:-runs/sjmae}" \
         --levers "$levers,attention,batch" --levers-for mae --best --profile "$out/profile" \

@@ -57,6 +57,11 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation)")
+  parser.add_argument("--profile-steps", type=int, default=0,
+                      help="after the timing, this many steps under torch.profiler")
+  parser.add_argument("--profile-out", default="", metavar="CSV",
+                      help="their kernels (device ops on CPU), grouped as "
+                      "benchmarks/kernel_table.py groups ours; the result gets 'profile'")
   return parser.parse_args(argv)
 
 
@@ -276,13 +281,63 @@ def measure(args):
     sync()
     seconds.append(time.perf_counter() - start)
   step_seconds = statistics.median(seconds) / args.steps
-  return {
+  profile = profile_kernels(train_step, sync, args) if args.profile_steps else None
+  result = {
       "peer": args.peer.split(":")[0],
       "device": torch.cuda.get_device_name() if cuda else "cpu",
       "images_per_second": args.batch / step_seconds, "step_ms": 1e3 * step_seconds,
       "step_ms_all": [1e3 * s / args.steps for s in seconds], "warmup_s": warmup_seconds,
       "loss": loss.item(), "params": num_params, "amp_bf16": use_amp, "compiled": compiled,
       "torch": torch.__version__, "timm": timm.__version__}
+  if profile:
+    result["profile"] = profile
+  return result
+
+
+def profile_kernels(train_step, sync, args) -> dict:
+  """`args.profile_steps` steps under torch.profiler: the kernels on CUDA (the ops' own time on
+  a CPU), one CSV row each (name, kind, calls and ms per step) in args.profile_out; returns
+  {kind: ms per step} with 'gaps' (CUDA: the traced span with no kernel running)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import kernel_table  # pylint: disable=import-outside-toplevel
+  cuda = torch.cuda.is_available()
+  activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+  sync()
+  with profile(activities=activities) as prof:
+    for _ in range(args.profile_steps):
+      train_step()
+    sync()
+  steps = args.profile_steps
+  rows = []
+  for event in prof.key_averages():
+    on_device = str(getattr(event, "device_type", "")).endswith("CUDA")
+    if cuda != on_device:
+      continue
+    us = (getattr(event, "self_device_time_total", None) or
+          getattr(event, "self_cuda_time_total", 0)) if cuda else event.self_cpu_time_total
+    if us > 0:
+      rows.append((event.key, kernel_table.kind_of_kernel_name(event.key), event.count / steps,
+                   us / 1e3 / steps))
+  rows.sort(key=lambda row: -row[3])
+  kinds = {}
+  for _, kind, _, ms in rows:
+    kinds[kind] = kinds.get(kind, 0.0) + ms
+  if cuda:
+    kernels = [kernel_table.KernelEvent(e.name, "", "", e.time_range.start * 1e3,
+                                        (e.time_range.end - e.time_range.start) * 1e3)
+               for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    busy, span = kernel_table.busy_and_span_ns(kernels)
+    kinds["gaps"] = max(0.0, span - busy) / 1e6 / steps
+  if args.profile_out:
+    import csv  # pylint: disable=import-outside-toplevel
+    with open(args.profile_out, "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(["kernel", "kind", "calls_per_step", "ms_per_step"])
+      writer.writerows([name, kind, f"{calls:g}", f"{ms:.4f}"] for name, kind, calls, ms in rows)
+  return {"device": "cuda" if cuda else "cpu (op self times)", "kinds": kinds,
+          "top": [list(row) for row in rows[:30]]}
 
 
 def main(argv=None):

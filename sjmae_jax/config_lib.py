@@ -65,7 +65,7 @@ def model_config(name: str, img: int, patch: int) -> ml_collections.ConfigDict:
       remat=False, remat_policy="",
       # Step speed levers (docs/performance.md); these defaults are the plain forms.
       norm_impl="flax", gelu_impl="flax", gelu_approximate=False, gather_impl="take",
-      cast_params_once=False))
+      qkv_impl="fused", cast_params_once=False))
 
 
 def default_model_args(args) -> tuple[int, int, str]:
@@ -125,7 +125,10 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
       momentum=0.9, trust_coefficient=0.001,  # lars (facebookresearch/mae util/lars.py)
       weight_decay=0.05, clip_grad_norm=0.0,
       lr_mults=((".*pos_embed", 0.0),),  # the fixed sin-cos tables are not trained (MAE)
-      wd_mults=(), decay_1d=False, layer_decay=1.0)
+      wd_mults=(), decay_1d=False, layer_decay=1.0,
+      # adamw's update over two flat vectors (decayed, not decayed) instead of one small
+      # update per parameter (docs/performance.md, step speed levers)
+      flatten=False)
   unknown = set(overrides) - set(optim)
   if unknown:
     raise ValueError(f"optim_config: unknown keys {sorted(unknown)}")
@@ -293,6 +296,8 @@ def _validate_optim(optim) -> None:
                      f"{optim.eps}, {optim.weight_decay}, {optim.clip_grad_norm})")
   if not 0.0 < optim.layer_decay <= 1.0:
     raise ValueError(f"config optim.layer_decay: {optim.layer_decay} must be in (0, 1]")
+  if optim.get("flatten", False) not in (False, True):
+    raise ValueError(f"config optim.flatten: {optim.flatten!r} must be True or False")
   for key in ("lr_mults", "wd_mults"):
     _validate_regex_rules(f"optim.{key}", optim[key], "multiplier >= 0",
                           lambda value: isinstance(value, (int, float)) and value >= 0)

@@ -125,6 +125,20 @@ def lars(learning_rate, *, momentum: float, trust_coefficient: float, weight_dec
   )
 
 
+def flat_adamw(schedule, optim, decay_mask) -> optax.GradientTransformation:
+  """optax.adamw with `decay_mask`, as two updates over flat vectors: the decayed parameters
+  concatenated (optax.flatten), and the others. The same arithmetic per element as the update
+  of each leaf; what changes is the kernels: XLA makes a few over two long vectors instead of
+  several per parameter leaf. The optimizer state is flat too, so checkpoints of the two forms
+  do not load into each other."""
+  adam = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  return optax.multi_transform(
+      {"decay": optax.flatten(optax.adamw(schedule, weight_decay=optim.weight_decay, **adam)),
+       "no_decay": optax.flatten(optax.adam(schedule, **adam))},
+      lambda params: jax.tree.map(lambda decayed: "decay" if decayed else "no_decay",
+                                  decay_mask(params)))
+
+
 def make_optimizer(config, steps_per_epoch: int):
   """(optax transformation, schedule) of `config.optim`; schedules count optimizer steps."""
   schedule = make_schedule(config, steps_per_epoch)
@@ -138,7 +152,9 @@ def optimizer(optim, schedule) -> optax.GradientTransformation:
   if any(value not in (0, 1) for _, value in optim.wd_mults):
     raise ValueError(f"config optim.wd_mults: {optim.wd_mults} (multipliers other than 0 and 1 "
                      f"are not supported: use optim.weight_decay and lr_mults)")
-  if optim.name == "adamw":
+  if optim.name == "adamw" and optim.get("flatten", False):
+    core = flat_adamw(schedule, optim, decay_mask)
+  elif optim.name == "adamw":
     core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=optim.weight_decay, mask=decay_mask)
   else:

@@ -223,23 +223,29 @@ def test_lever_setups_and_configs():
   assert tags[2:] == [["remat=full"], [f"remat={train_step.REMAT_POLICY_LEVER}"],
                       ["donate=off"], ["batch_passes=off"], ["norm_impl=fused"],
                       ["gelu_impl=fused"], ["gelu_approximate=on"], ["gather_impl=permute"],
-                      ["cast_params_once=on"], ["xla_flags=--a=1"], ["xla_flags=--b=2"],
+                      ["cast_params_once=on"], ["qkv_impl=split"], ["norm_impl=pallas"],
+                      ["gelu_impl=pallas"], ["optim_flatten=on"], ["xla_flags=--a=1"],
+                      ["xla_flags=--b=2"],
                       ["batch x2"]]
   gpu = train_step.lever_setups(base, "mae", ["attention", "batch_passes"], "gpu")
   assert [setup.tags("mae") for setup, _ in gpu] == [["attention=xla"]]  # no SJ-MAE lever
   fast = dataclasses.replace(base, norm_impl="fused")  # a lever switches back from its fast value
   assert train_step.lever_setups(fast, "mae", ["norm_impl"], "cpu")[0][0].norm_impl == "flax"
+  pallas = dataclasses.replace(base, norm_impl="pallas")
+  assert train_step.lever_setups(pallas, "mae", ["norm_pallas"], "cpu")[0][0].norm_impl == "flax"
 
   args = train_step.parse_args(["--smoke", "--method", "sjmae"])
   setup = train_step.Setup(dtype="float32", attention="xla", remat="dots_saveable",
-                           batch_passes=False, norm_impl="fused", gather_impl="permute",
-                           cast_params_once=True, batch_scale=2)
+                           batch_passes=False, norm_impl="pallas", gather_impl="permute",
+                           cast_params_once=True, qkv_impl="split", optim_flatten=True,
+                           batch_scale=2)
   config = train_step.build_config("sjmae", "vit_micro", args, setup)
   assert (config.compute_dtype, config.model.attention_impl, config.model.remat,
           config.model.remat_policy, config.sjmae.batch_passes) == (
               "float32", "xla", True, "dots_saveable", False)
   assert (config.model.norm_impl, config.model.gelu_impl, config.model.gather_impl,
-          config.model.cast_params_once) == ("fused", "flax", "permute", True)
+          config.model.cast_params_once, config.model.qkv_impl, config.optim.flatten) == (
+              "pallas", "flax", "permute", True, "split", True)
   assert (config.model.depth, config.decoder.embed_dim, config.batch_size) == (2, 128, 16)
   assert train_step.model_label(config, "vit_micro") == "vit_128x2_dec128x1_patch4"
   standard = train_step.build_config("mae", "vit_base", train_step.parse_args([]), base)
@@ -360,7 +366,8 @@ def test_suite_speed_stage_smoke(tmp_path):
   assert mae[8] == "timm" and re.fullmatch(r"[0-9.]+x", mae[10]) and mae[7] == ""  # no CPU MFU
   assert sjmae[8] == "sjmae (skipped)"
   assert float(mae[11]) > 0 and float(mae[12]) > 0  # step ms, MiB/img
-  levers = ["gather_impl=permute", "norm_impl=fused", "gelu_impl=fused",
+  levers = ["norm_impl=pallas", "gelu_impl=pallas", "qkv_impl=split", "optim_flatten=on",
+            "gather_impl=permute", "norm_impl=fused", "gelu_impl=fused",
             *(f"xla_flags={flags}" for flags in train_step.XLA_FLAG_SETS),
             "cast_params_once=on", "gelu_approximate=on"]
   assert [label for label in by_label if label.startswith("mae [") and "best" not in label] == (

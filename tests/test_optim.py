@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import pytest
 
 from sjmae_jax import config_lib, optim
 
@@ -46,6 +48,36 @@ def test_weight_decay_mask_and_frozen_params():
   big_grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(big_grads, state, params)
   assert np.all(np.asarray(updates["encoder"]["pos_embed"]) == 0)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_flat_adamw_is_the_per_leaf_update(clip):
+  """optim.flatten=True: the same updates as the per-leaf adamw (weight decay mask, frozen
+  pos_embed, gradient clipping), over two flat vectors; its state is two flat vectors."""
+  params = {"encoder": {"pos_embed": jnp.ones((1, 5, 4)), "cls_token": jnp.ones((1, 1, 4)),
+                        "dense": {"kernel": jnp.full((4, 3), 0.5), "bias": jnp.ones((3,))},
+                        "norm": {"scale": jnp.ones((4,))}}}
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3 * len(leaves))
+  updates = {}
+  for flatten in (False, True):
+    config = make_config()
+    config.optim.clip_grad_norm = clip
+    config.optim.flatten = flatten
+    tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
+    state, current = tx.init(params), params
+    for step in range(3):
+      grads = jax.tree.unflatten(tree, [jax.random.normal(keys[step * len(leaves) + i], leaf.shape)
+                                        for i, leaf in enumerate(leaves)])
+      update, state = tx.update(grads, state, current)
+      current = optax.apply_updates(current, update)
+    updates[flatten] = current
+    if flatten:
+      vectors = [leaf for leaf in jax.tree.leaves(state) if leaf.ndim == 1 and leaf.size > 4]
+      assert sorted(v.size for v in vectors) == [3 + 4, 3 + 4, 4 + 12, 4 + 12]  # mu, nu x 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               updates[True], updates[False])
+  np.testing.assert_array_equal(updates[True]["encoder"]["pos_embed"], 1.0)
 
 
 def mae_lr_at(epoch, peak, min_lr, warmup_epochs, epochs):

@@ -1,7 +1,8 @@
 """The step speed levers (docs/performance.md, model.norm_impl / gelu_impl / gelu_approximate /
-gather_impl / cast_params_once): with all of them off the step is today's, bit for bit; each one
-on gives the float32 step's loss and gradients within bfloat16's error; the custom backward
-passes equal autodiff's; parameter trees do not change."""
+gather_impl / qkv_impl / cast_params_once): with all of them off the step is today's, bit for bit;
+each one on gives the float32 step's loss and gradients within bfloat16's error; the custom
+backward passes (and the Pallas LayerNorm kernels, in Pallas' interpreter) equal autodiff's;
+parameter trees do not change."""
 import functools
 import hashlib
 
@@ -15,10 +16,10 @@ import pytest
 
 from helpers import tiny_config
 from sjmae_jax import sharding, trainer
-from sjmae_jax.models import vit
+from sjmae_jax.models import pallas_norm, vit
 
 LEVERS = {"norm_impl": "fused", "gelu_impl": "fused", "gather_impl": "permute",
-          "cast_params_once": True, "gelu_approximate": True}
+          "cast_params_once": True, "gelu_approximate": True, "qkv_impl": "split"}
 EXACT_LEVERS = {k: v for k, v in LEVERS.items() if k != "gelu_approximate"}  # same function
 
 # One step of the code before the levers, recorded on the 2-core CPU dev box with jax/jaxlib
@@ -210,9 +211,9 @@ def test_lever_values_are_checked():
   config = tiny_config("mae")
   assert {k: v for k, v in vit.vit_kwargs(config.model).items() if k in vit.LEVER_KEYS} == {
       "norm_impl": "flax", "gelu_impl": "flax", "gelu_approximate": False,
-      "gather_impl": "take"}
+      "gather_impl": "take", "qkv_impl": "fused"}
   for key, bad in (("norm_impl", "apex"), ("gelu_impl", "tanh"), ("gather_impl", "sorted"),
-                   ("gelu_approximate", 1)):
+                   ("gelu_approximate", 1), ("qkv_impl", "packed")):
     model = ml_collections.ConfigDict(config.model.to_dict(), type_safe=False)
     model[key] = bad
     with pytest.raises(ValueError, match=f"config model.{key}: unknown value {bad!r}"):
@@ -221,3 +222,116 @@ def test_lever_values_are_checked():
   config.model.cast_params_once = "yes"
   with pytest.raises(ValueError, match="config model.cast_params_once: 'yes'"):
     trainer.build_model(config)
+
+
+# ----------------------------------------------------------------------------- Pallas LayerNorm
+
+def _flax_layer_norm(x, scale, bias, dtype):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype).apply(
+      {"params": {"scale": scale, "bias": bias}}, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_layer_norm_kernels_match_flax_in_the_interpreter(dtype):
+  """The forward kernel and the backward kernel (dx and the scale and bias gradients in one
+  pass over the rows, then a sum over the programs' partial sums) run in Pallas' interpreter:
+  flax's LayerNorm values and autodiff's gradients, to float32 (bfloat16) precision. 96 rows =
+  6 tiles of 16 in one program; 2 x 80 rows = 10 tiles in two programs of 5."""
+  for shape in ((96, 32), (2, 80, 64)):
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(1), shape[-1:])
+    bias = 0.1 * jax.random.normal(jax.random.PRNGKey(2), shape[-1:])
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), shape).astype(dtype)
+    assert pallas_norm.kernel_applies(shape, interpret=True)
+    pallas = lambda v, s, b: pallas_norm.pallas_layer_norm(v, s, b, 1e-6, jnp.dtype(dtype), True)
+    out, pullback = jax.vjp(pallas, x, scale, bias)
+    expected, expected_pullback = jax.vjp(lambda v, s, b: _flax_layer_norm(v, s, b, dtype),
+                                          x, scale, bias)
+    assert out.dtype == dtype and out.shape == shape
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(out.astype(jnp.float32), expected.astype(jnp.float32),
+                               rtol=tolerance, atol=tolerance)
+    for got, want in zip(pullback(cotangent), expected_pullback(cotangent)):
+      assert got.dtype == want.dtype
+      np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32),
+                                 rtol=tolerance, atol=tolerance * 20)
+
+
+def test_pallas_layer_norm_falls_back_where_the_kernels_do_not_apply():
+  """Off a GPU, at widths that are not powers of two and at row counts that are not a multiple
+  of the tile, norm_impl='pallas' is the plain-JAX fused LayerNorm, bit for bit."""
+  assert not pallas_norm.kernel_applies((96, 32))  # the CPU, without the interpreter
+  assert not pallas_norm.kernel_applies((96, 768), interpret=True)  # ViT-B's width
+  assert not pallas_norm.kernel_applies((50, 32), interpret=True)
+  assert pallas_norm.kernel_applies((256 * 197, 512), interpret=True)  # the decoder at batch 256
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 48))
+  module = vit.FusedLayerNorm(epsilon=1e-6, impl="pallas")
+  params = module.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      nn.LayerNorm(epsilon=1e-6).init(jax.random.PRNGKey(1), x))
+  out, pullback = jax.vjp(lambda p: module.apply(p, x), params)
+  fused_out, fused_pullback = jax.vjp(lambda p: vit.FusedLayerNorm(epsilon=1e-6).apply(p, x),
+                                      params)
+  np.testing.assert_array_equal(out, fused_out)
+  jax.tree.map(np.testing.assert_array_equal, pullback(out), fused_pullback(out))
+
+
+def test_split_qkv_is_the_fused_projection():
+  """qkv_impl='split': the same parameters, q/k/v as three products in (B, T, heads, head_dim);
+  the attention output and its gradients equal the fused projection's to float32 precision."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
+  fused = vit.Attention(num_heads=4)
+  split = vit.Attention(num_heads=4, qkv_impl="split")
+  params = fused.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(split.init(jax.random.PRNGKey(1), x)["params"]["qkv"]["kernel"],
+                                params["params"]["qkv"]["kernel"])
+  out, pullback = jax.vjp(lambda p, v: split.apply(p, v), params, x)
+  expected, expected_pullback = jax.vjp(lambda p, v: fused.apply(p, v), params, x)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               pullback(out), expected_pullback(out))
+  context = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 32))  # cross-attention: fused path
+  np.testing.assert_array_equal(split.apply(params, x, context=context),
+                                fused.apply(params, x, context=context))
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_pallas_gelu_bias_backward_matches_autodiff_in_the_interpreter(approximate):
+  """gelu(h + bias) with the backward kernel (the input gradient and the bias gradient's column
+  sums in one pass) in Pallas' interpreter: autodiff's gradients to float32 precision."""
+  h = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 48, 32))
+  bias = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (32,))
+  cotangent = jax.random.normal(jax.random.PRNGKey(2), h.shape)
+  assert pallas_norm.kernel_applies(h.shape, interpret=True)
+  out, pullback = jax.vjp(
+      lambda v, b: pallas_norm.pallas_gelu_bias(v, b, approximate, True), h, bias)
+  expected, expected_pullback = jax.vjp(
+      lambda v, b: jax.nn.gelu(v + b, approximate=approximate), h, bias)
+  np.testing.assert_array_equal(out, expected)
+  for got, want in zip(pullback(cotangent), expected_pullback(cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_mlp_with_pallas_gelu_is_the_fused_mlp():
+  """gelu_impl='pallas': the same parameters and, where the kernel does not apply (here: the
+  CPU), the fused GELU of fc1's output; values and gradients equal to float32 precision."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+  fused, pallas = vit.Mlp(64, gelu_impl="fused"), vit.Mlp(64, gelu_impl="pallas")
+  params = fused.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, pallas.init(jax.random.PRNGKey(1), x), params)
+  out, pullback = jax.vjp(lambda p, v: pallas.apply(p, v), params, x)
+  expected, expected_pullback = jax.vjp(lambda p, v: fused.apply(p, v), params, x)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               pullback(out), expected_pullback(out))
+
+
+def test_pallas_levers_in_the_step_fall_back_to_the_same_function():
+  """norm_impl / gelu_impl = 'pallas' through the whole float32 step on the CPU (the fallbacks:
+  the kernels need a GPU, or the interpreter): the plain step's loss and gradients."""
+  ref_loss, _, ref_grads, ref_params = _one_step("mae", "float32")
+  loss, _, grads, params = _one_step("mae", "float32",
+                                     (("gelu_impl", "pallas"), ("norm_impl", "pallas")))
+  assert loss == pytest.approx(ref_loss, rel=1e-6)
+  assert _relative_error(grads, ref_grads) < 2e-5
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, ref_params))

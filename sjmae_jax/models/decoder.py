@@ -36,6 +36,7 @@ class MAEDecoder(nn.Module):
   gelu_impl: str = "flax"
   gelu_approximate: bool = False
   gather_impl: str = "take"
+  qkv_impl: str = "fused"
 
   @nn.compact
   def __call__(self, tokens, ids_restore, *, extra=None, train: bool = False,
@@ -70,7 +71,7 @@ class MAEDecoder(nn.Module):
       x = Block(d, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                 attention_impl=self.attention_impl, norm_impl=self.norm_impl,
                 gelu_impl=self.gelu_impl, gelu_approximate=self.gelu_approximate,
-                name=f"decoder_blocks_{i}")(x, train=train)
+                qkv_impl=self.qkv_impl, name=f"decoder_blocks_{i}")(x, train=train)
     hidden = layer_norm(self.norm_impl, self.dtype, name="decoder_norm")(x)
     pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=xavier_uniform,
                     name="decoder_pred")(hidden[:, 1:])

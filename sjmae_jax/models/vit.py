@@ -137,8 +137,8 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
-NORM_IMPLS = ("flax", "fused")
-GELU_IMPLS = ("flax", "fused")
+NORM_IMPLS = ("flax", "fused", "pallas")
+GELU_IMPLS = ("flax", "fused", "pallas")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -180,9 +180,12 @@ fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class FusedLayerNorm(nn.Module):
-  """nn.LayerNorm's parameters (scale, bias) and values, `fused_layer_norm`'s backward pass."""
+  """nn.LayerNorm's parameters (scale, bias) and values, `fused_layer_norm`'s backward pass;
+  impl='pallas': the Pallas kernels of models/pallas_norm.py where they apply (a CUDA GPU,
+  power-of-two widths), `fused_layer_norm` elsewhere."""
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  impl: str = "fused"
 
   @nn.compact
   def __call__(self, x):
@@ -190,13 +193,16 @@ class FusedLayerNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
     dtype = jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype
+    if self.impl == "pallas":
+      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel
+      return pallas_norm.layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
     return fused_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
 def layer_norm(impl: str, dtype, name: Optional[str] = None, epsilon: float = 1e-6):
-  """The blocks' LayerNorm: 'flax' (nn.LayerNorm) or 'fused' (FusedLayerNorm)."""
-  if impl == "fused":
-    return FusedLayerNorm(epsilon=epsilon, dtype=dtype, name=name)
+  """The blocks' LayerNorm: 'flax' (nn.LayerNorm), 'fused' or 'pallas' (FusedLayerNorm)."""
+  if impl in ("fused", "pallas"):
+    return FusedLayerNorm(epsilon=epsilon, dtype=dtype, impl=impl, name=name)
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
@@ -241,16 +247,24 @@ def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = No
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+QKV_IMPLS = ("fused", "split")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with fused qkv (timm layout).
 
   `context` lets queries come from `x` while keys/values come from another stream (MaPeT's query
   stream); `mask` is a boolean (B, 1|H, Tq, Tk) array, True where attending is allowed.
   `attention_impl`: None / 'xla' / 'cudnn' / 'auto' (see `dot_product_attention`).
+  qkv_impl 'split' (self-attention only; the same `qkv` parameters): q, k and v as three products
+  with the kernel's column blocks, each written as (B, T, heads, head_dim), the layout
+  jax.nn.dot_product_attention (and cuDNN) takes, instead of one (B, T, 3 * D) product whose
+  three strided slices are copied out.
   """
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  qkv_impl: str = "fused"
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
@@ -258,14 +272,24 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=xavier_uniform, name="qkv")
     proj = nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")
-    q, k, v = jnp.split(qkv(x).reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
-    q = q[:, :, 0]
-    if context is None:
-      k, v = k[:, :, 0], v[:, :, 0]
+    if self.qkv_impl == "split" and context is None:
+      if self.is_initializing():  # creates qkv/{kernel,bias} as the fused path does
+        qkv(x[:1, :1])
+      params = qkv.variables["params"]
+      dtype = self.dtype or jnp.result_type(x, params["kernel"])  # as nn.Dense promotes
+      kernel = params["kernel"].astype(dtype).reshape(d, 3, self.num_heads, head_dim)
+      bias = params["bias"].astype(dtype).reshape(3, self.num_heads, head_dim)
+      x = x.astype(dtype)
+      q, k, v = (jnp.einsum("btd,dnh->btnh", x, kernel[:, i]) + bias[i] for i in range(3))
     else:
-      tc = context.shape[1]
-      kv = qkv(context).reshape(b, tc, 3, self.num_heads, head_dim)
-      k, v = kv[:, :, 1], kv[:, :, 2]
+      q, k, v = jnp.split(qkv(x).reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
+      q = q[:, :, 0]
+      if context is None:
+        k, v = k[:, :, 0], v[:, :, 0]
+      else:
+        tc = context.shape[1]
+        kv = qkv(context).reshape(b, tc, 3, self.num_heads, head_dim)
+        k, v = kv[:, :, 1], kv[:, :, 2]
     out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return proj(out.reshape(b, t, d))
 
@@ -280,8 +304,10 @@ def quick_gelu(x):
 
 class Mlp(nn.Module):
   """fc1 - activation - fc2. act_layer 'gelu' is exact (erf) unless gelu_approximate (the tanh
-  form), and gelu_impl 'fused' gives it `fused_gelu`'s backward pass (same values); 'quick_gelu'
-  is CLIP's (the gelu levers do not apply to it)."""
+  form), and gelu_impl 'fused' gives it `fused_gelu`'s backward pass (same values); 'pallas'
+  adds fc1's bias inside the activation, whose backward pass is then one Pallas kernel with the
+  bias gradient (models/pallas_norm.py; `fused` where it does not apply); 'quick_gelu' is CLIP's
+  (the gelu levers do not apply to it)."""
   hidden_dim: int
   dtype: Any = jnp.float32
   gelu_impl: str = "flax"
@@ -291,9 +317,19 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
+    fc1 = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")
     if self.act_layer not in ACT_LAYERS:
       raise ValueError(f"act_layer {self.act_layer!r}: choose one of {list(ACT_LAYERS)}")
+    if self.gelu_impl == "pallas" and self.act_layer == "gelu":
+      if self.is_initializing():  # creates fc1/{kernel,bias} as the other forms do
+        fc1(x[..., :1, :])
+      params = fc1.variables["params"]
+      dtype = self.dtype or jnp.result_type(x, params["kernel"])  # as nn.Dense promotes
+      h = jnp.dot(x.astype(dtype), params["kernel"].astype(dtype))
+      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel
+      x = pallas_norm.gelu_bias(h, params["bias"], self.gelu_approximate)
+      return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(x)
+    x = fc1(x)
     if self.act_layer == "quick_gelu":
       x = quick_gelu(x)
     elif self.gelu_impl == "fused":
@@ -317,10 +353,12 @@ class Block(nn.Module):
   gelu_approximate: bool = False
   norm_eps: float = 1e-6
   act_layer: str = "gelu"
+  qkv_impl: str = "fused"
 
   def setup(self):
     self.norm1 = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
-    self.attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl)
+    self.attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
+                          qkv_impl=self.qkv_impl)
     self.norm2 = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
     self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, gelu_impl=self.gelu_impl,
                    gelu_approximate=self.gelu_approximate, act_layer=self.act_layer)
@@ -396,6 +434,7 @@ class VisionTransformer(nn.Module):
   # 'permute': with keep_ids, embed only the kept patches and select with `take_tokens` (gathers
   # both ways) instead of embedding all L patches and take_along_axis (a scatter-add backward).
   gather_impl: str = "take"
+  qkv_impl: str = "fused"       # 'split': q, k, v as three products (Attention)
 
   @property
   def grid_size(self) -> int:
@@ -420,7 +459,8 @@ class VisionTransformer(nn.Module):
         block_cls(d, self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init,
                   dtype=self.dtype, attention_impl=self.attention_impl, norm_impl=self.norm_impl,
                   gelu_impl=self.gelu_impl, gelu_approximate=self.gelu_approximate,
-                  norm_eps=self.norm_eps, act_layer=self.act_layer, name=f"blocks_{i}")
+                  norm_eps=self.norm_eps, act_layer=self.act_layer, qkv_impl=self.qkv_impl,
+                  name=f"blocks_{i}")
         for i in range(self.depth)]
     if self.pre_norm:
       self.norm_pre = layer_norm(self.norm_impl, self.dtype, epsilon=self.norm_eps)
@@ -561,6 +601,7 @@ LEVER_KEYS = {
     "gelu_impl": (GELU_IMPLS, "flax"),
     "gelu_approximate": ((False, True), False),
     "gather_impl": (GATHER_IMPLS, "take"),
+    "qkv_impl": (QKV_IMPLS, "fused"),
 }
 
 
