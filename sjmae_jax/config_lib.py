@@ -130,6 +130,13 @@ def add_run_keys(config, *, checkpoint_every: dict, log_every_steps: int,
   # end of the first (compiling) step; 0 = off. A time budget: the schedule is unchanged, so set
   # epochs to what fits for the lr to reach its end.
   config.stop_after_minutes = 0.0
+  # A time budget that sizes the schedule instead (sjmae_jax/schedule_budget.py): the step speed
+  # measured over budget_calibration_steps steps after compilation sets `epochs` (and
+  # warmup_epochs = budget_warmup_fraction of them) so that warmup and decay complete after this
+  # many minutes of training; the choice is kept in WORKDIR/budget.json for resumes. 0 = off.
+  config.train_minutes = 0.0
+  config.budget_warmup_fraction = 0.05
+  config.budget_calibration_steps = 10
   # A step whose loss or gradient norm is not finite: 'stop' (error naming the step and the loss
   # terms; no checkpoint is written from the bad state) or 'skip' (the update is dropped; counted
   # in the `nonfinite_steps` metric).
@@ -267,7 +274,7 @@ def validate(config, num_devices: int | None = None) -> None:
   if config.epochs <= 0:
     raise ValueError(f"config epochs: must be positive, got {config.epochs}")
   for key in ("blr", "lr", "min_lr", "stop_at_step", "stop_after_minutes", "picture_every_steps",
-              "log_every_steps"):
+              "log_every_steps", "train_minutes"):
     if config.get(key, 0) < 0:
       raise ValueError(f"config {key}: must be >= 0, got {config[key]}")
   for block, name in ((config, "warmup"), (config, "log_every"), (config.checkpoint, "every")):
@@ -276,6 +283,9 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ValueError("config checkpoint.every_steps: must be >= 1 (or set checkpoint.every_epochs)")
   if not steps(config, "log_every", steps_per_epoch=1, batch_size=1):
     raise ValueError("config log_every_steps: must be >= 1")
+  if not 0.0 <= config.get("budget_warmup_fraction", 0.0) < 1.0:
+    raise ValueError(f"config budget_warmup_fraction: {config.budget_warmup_fraction} must be in "
+                     "[0, 1)")
   if config.checkpoint.keep < 1:
     raise ValueError(f"config checkpoint.keep: must be >= 1, got {config.checkpoint.keep}")
   _validate_optim(config.optim)

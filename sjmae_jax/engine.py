@@ -69,6 +69,7 @@ class Task:
   finalize: Callable | None = None       # summary -> what summary_file holds
   last_lines: Callable | None = None     # (workdir, summary) -> lines printed at the end
   loss_takes_step: bool = False          # loss_fn(..., rng, step): the 0-based step, traced
+  summary_extra: dict | None = None      # more entries of the summary (the time budget's choice)
 
 
 @dataclasses.dataclass
@@ -87,9 +88,13 @@ def run(program: Program, workdir) -> dict:
   workdir = epath.Path(paths.absolute(workdir))
   checkpointing.check_writable(workdir)
   start_step = resume_step(workdir, program.abstract_state(), config)
+  from sjmae_jax import schedule_budget  # pylint: disable=import-outside-toplevel (it uses us)
+  chosen = schedule_budget.size_schedule(program, workdir, start_step)  # config.train_minutes
   preemption = PreemptionNotice(start_step)
   try:
-    return _train(program.build(start_step), workdir, start_step, preemption)
+    task = program.build(start_step)
+    task.summary_extra = chosen
+    return _train(task, workdir, start_step, preemption)
   finally:
     preemption.close()
 
@@ -502,6 +507,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
   best = BestParams(workdir, task.keep_best) if task.keep_best else None
 
   hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
+  metric_writers.import_backend()  # not at the first metrics, inside the timed steps
   writer = LazyWriter(lambda: metric_writers.create_default_writer(
       workdir / "tensorboard", just_logging=not is_main), hparams)
   num_params = write_parameter_table(workdir, state["params"])
@@ -615,6 +621,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
   if best is not None and best.record["value"] is not None:
     summary.update({f"best/{best.metric}": best.record["value"], "best/step": best.record["step"]})
+  summary.update(task.summary_extra or {})
   if budget.seconds:  # steps after the first, and their seconds (for img/s)
     summary["timed_steps"] = step - start_step - 1
     summary["timed_seconds"] = round(budget.elapsed, 2)
