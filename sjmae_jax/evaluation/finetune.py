@@ -32,7 +32,11 @@ def make_loss_fn(classifier, config, num_classes: int, total_steps: int = 0):
   with label smoothing (off from `mixup_off_step`), then the soft-target cross-entropy of the
   classifier (drop path on)."""
   mix = config.mixup
-  off_step = mixup_off_step(config, total_steps) if mix.get("off_fraction", 0.0) else None
+  off_step = None
+  if mix.get("off_fraction", 0.0):
+    if total_steps <= 0:
+      raise ValueError("make_loss_fn: config mixup.off_fraction needs the schedule's total_steps")
+    off_step = mixup_off_step(config, total_steps)
 
   def loss_fn(params, batch_stats, batch, rng, step=None):
     mix_rng, dropout_rng = jax.random.split(rng)
