@@ -20,8 +20,7 @@ from tests.helpers import load_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Keys added since the pins, each at the value that leaves behaviour as it was.
 NEW_KEYS_NEUTRAL = {"pad": 0, "off_fraction": 0.0, "train_minutes": 0.0,
-                    "budget_warmup_fraction": 0.05, "budget_calibration_steps": 10,
-                    "device_dataset": "auto"}
+                    "budget_warmup_fraction": 0.05, "budget_calibration_steps": 10}
 
 
 def without_new_keys(tree, path=""):
