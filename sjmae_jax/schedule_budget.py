@@ -94,13 +94,14 @@ def calibrate(program) -> dict:
   # The input pipeline fills its buffers while the first step compiles: the steps that read
   # those batches are left out of the timing, which would otherwise miss the input's cost.
   warm_steps = 1 + int(config.data.get("prefetch", 2)) + 2  # + device_prefetch's depth
+  started = None
   for step in range(1, warm_steps + num_steps + 1):
-    if step == warm_steps + 1:
-      jax.block_until_ready(metrics)
-      started = time.time()
     state, metrics = train_step(state, next(batches))
     if step % log_every == 0:  # the loop's metric fetches
       jax.device_get(metrics)
+    if step == warm_steps:
+      jax.block_until_ready(metrics)
+      started = time.time()
   jax.block_until_ready((state, metrics))
   seconds = (time.time() - started) / num_steps
   if jax.process_count() > 1:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from sjmae_jax import data as data_lib
 from sjmae_jax.data import augment_host, augment_jax
 from sjmae_jax.evaluation import finetune
 from sjmae_jax.models.classifier import ViTClassifier
@@ -73,19 +73,18 @@ def test_pad_crop_is_a_window_of_the_zero_padded_image():
   specs = augment_host.crop_specs(u, 32, 32, recipe, 32, 1.0)
   tops, lefts = specs[:, 0] + 4, specs[:, 4] + 4
   assert set(tops.astype(int)) == set(range(9)) == set(lefts.astype(int))  # torchvision's range
-  plain = dict(recipe.to_dict(), randaugment="", flip_prob=0.0)
-  finish = jax.jit(augment_jax.make_finish_fn([data_lib.config.ml_collections.ConfigDict(plain)],
-                                              32, None))
-  for interpolation in ("bicubic", "bilinear"):
-    rows = slice(0, 6)
-    out = finish({"raw": np.repeat(image[None], 6, 0), "crop_spec": specs[rows, None],
-                  "uniforms": u[rows, None], "label": np.zeros(6, np.int32)})["images"][:, 0]
-    del interpolation  # both kernels are exact at integer shifts; the recipe's is used
+  for interpolation in ("bicubic", "bilinear"):  # both kernels are exact at integer shifts
+    plain = ml_collections.ConfigDict(dict(recipe.to_dict(), randaugment="", flip_prob=0.0,
+                                           interpolation=interpolation))
+    finish = jax.jit(augment_jax.make_finish_fn([plain], 32, None))
+    out = finish({"raw": np.repeat(image[None], 6, 0), "crop_spec": specs[:6, None],
+                  "uniforms": u[:6, None], "label": np.zeros(6, np.int32)})["images"][:, 0]
     for i in range(6):
       top, left = int(tops[i]), int(lefts[i])
       window = padded[top:top + 32, left:left + 32]
       np.testing.assert_allclose(np.asarray(out[i]) * 255.0, window, atol=1e-3)
-      np.testing.assert_array_equal(augment_host.crop_one(image, specs[i], 32, "bicubic"), window)
+      np.testing.assert_array_equal(augment_host.crop_one(image, specs[i], 32, interpolation),
+                                    window)
 
 
 def test_cifar10_evaluates_the_whole_image():
