@@ -2,7 +2,8 @@
 results.json, the device, the minutes and the command.
 
   python benchmarks/cifar10_results_row.py --method sjmae --work WORK --append FILE.jsonl \
-      --command "..." --pretrain-minutes 4 --finetune-minutes 2 [STAGE=SECONDS ...]
+      --command "..." --pretrain-minutes 4 --finetune-minutes 2 [--variant ARGS] [--data TEXT] \
+      [STAGE=SECONDS ...]
 
 WORK holds pretrain/ (train.py workdir), probe/ and finetune/ (evaluator workdirs); a stage that
 did not run is left out. Prints the line and appends it to FILE.jsonl.
@@ -42,7 +43,8 @@ def git_commit() -> str:
 
 
 def results_row(method: str, work: str, command: str, pretrain_minutes: float,
-                finetune_minutes: float, stage_seconds: dict) -> dict:
+                finetune_minutes: float, stage_seconds: dict, variant: str = "",
+                data: str = "cifar10 50k train / 10k test") -> dict:
   import jax
   pretrain, probe, finetune = (load(work, "pretrain/summary.json"),
                                load(work, "probe/results.json"),
@@ -53,7 +55,7 @@ def results_row(method: str, work: str, command: str, pretrain_minutes: float,
   if not config:
     raise FileNotFoundError(f"{work}: neither pretrain/config.json nor finetune/results.json")
   model = config["model"]
-  row = {"method": method, "data": "cifar10 50k train / 10k test",
+  row = {"method": method, "variant": variant, "data": data,
          "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
          "model": f"{config['arg']['model']}/{model['patch_size']} {model['img_size']}px",
          "date": datetime.date.today().isoformat(), "commit": git_commit(),
@@ -74,10 +76,9 @@ def results_row(method: str, work: str, command: str, pretrain_minutes: float,
         fast_probe_top1=probe.get("fast_top1"), linear_probe_top1=probe.get("top1"),
         linear_probe_top5=probe.get("top5"), linear_probe_epochs=probe.get("epochs"))
   if finetune:
-    minutes = pretrain_minutes + finetune_minutes if method == "scratch" else finetune_minutes
-    img_per_s, fitting = speed(finetune, finetune_config["batch_size"], minutes)
+    img_per_s, fitting = speed(finetune, finetune_config["batch_size"], finetune_minutes)
     row.update(
-        finetune_minutes=minutes, finetune_from=finetune.get("init_from"),
+        finetune_minutes=finetune_minutes, finetune_from=finetune.get("init_from"),
         finetune_top1=finetune.get("top1"), finetune_best_top1=finetune.get("best_top1"),
         finetune_top5=finetune.get("top5"), finetune_epochs=finetune.get("epochs"),
         finetune_steps=finetune.get("step"), finetune_total_steps=finetune.get("total_steps"),
@@ -96,12 +97,14 @@ def main(argv=None) -> int:
   parser.add_argument("--command", required=True)
   parser.add_argument("--pretrain-minutes", type=float, required=True)
   parser.add_argument("--finetune-minutes", type=float, required=True)
+  parser.add_argument("--variant", default="", help="the sweep entry (pretraining args)")
+  parser.add_argument("--data", default="cifar10 50k train / 10k test")
   parser.add_argument("stage_seconds", nargs="*", help="STAGE=SECONDS")
   args = parser.parse_args(argv)
   stage_seconds = {name: int(value) for name, value in
                    (item.split("=", 1) for item in args.stage_seconds)}
   row = results_row(args.method, args.work, args.command, args.pretrain_minutes,
-                    args.finetune_minutes, stage_seconds)
+                    args.finetune_minutes, stage_seconds, args.variant, args.data)
   line = json.dumps(row)
   print(line)
   with open(args.append, "a") as f:

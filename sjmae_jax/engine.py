@@ -17,6 +17,7 @@ run changes nothing.
 """
 import collections
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -72,6 +73,8 @@ class Task:
   keep_best: str = ""                    # a monitor metric to maximize: best params in WORKDIR/best
   finalize: Callable | None = None       # summary -> what summary_file holds
   last_lines: Callable | None = None     # (workdir, summary) -> lines printed at the end
+  loss_takes_step: bool = False          # loss_fn(..., rng, step): the 0-based step, traced
+  summary_extra: dict | None = None      # more entries of the summary (the time budget's choice)
 
 
 @dataclasses.dataclass
@@ -90,9 +93,13 @@ def run(program: Program, workdir) -> dict:
   workdir = epath.Path(paths.absolute(workdir))
   checkpointing.check_writable(workdir)
   start_step = resume_step(workdir, program.abstract_state(), config)
+  from sjmae_jax import schedule_budget  # pylint: disable=import-outside-toplevel (it uses us)
+  chosen = schedule_budget.size_schedule(program, workdir, start_step)  # config.train_minutes
   preemption = PreemptionNotice(start_step)
   try:
-    return _train(program.build(start_step), workdir, start_step, preemption)
+    task = program.build(start_step)
+    task.summary_extra = chosen
+    return _train(task, workdir, start_step, preemption)
   finally:
     preemption.close()
 
@@ -144,7 +151,7 @@ def cast_kernels(params, dtype):
 
 def make_train_step(loss_fn, tx, schedule, mesh, grad_accum_steps: int = 1, *,
                     skip_nonfinite: bool = False, poison_step: int = 0, finish_batch=None,
-                    kernel_dtype=None, after_update=None):
+                    kernel_dtype=None, after_update=None, loss_takes_step=False):
   """Pure update: (state, global batch) -> (new state, scalar metrics).
 
   With grad_accum_steps = n the batch is split into n strided micro-batches (micro-batch i gets
@@ -159,11 +166,13 @@ def make_train_step(loss_fn, tx, schedule, mesh, grad_accum_steps: int = 1, *,
   the step receives pre-batches (uint8 images, crop boxes, random draws) and computes the views
   itself, on the accelerator. With `kernel_dtype` (model.cast_params_once) the matmul kernels are
   cast to it once per step, before any micro-batch split, instead of at each use; their
-  gradients are cast back to float32 per micro-batch.
+  gradients are cast back to float32 per micro-batch. With `loss_takes_step` the loss also gets
+  the step (0-based, traced) as its last argument (a schedule inside the loss: mixup's end).
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
   def train_step(state, batch):
+    step_loss_fn = (functools.partial(loss_fn, step=state["step"]) if loss_takes_step
+                    else loss_fn)
+    grad_fn = jax.value_and_grad(step_loss_fn, has_aux=True)
     if finish_batch is not None:
       batch = finish_batch(batch)
     if poison_step:
@@ -218,6 +227,19 @@ def make_train_step(loss_fn, tx, schedule, mesh, grad_accum_steps: int = 1, *,
     return new_state, metrics
 
   return train_step
+
+
+def jitted_train_step(task: "Task", mesh, state_shardings):
+  """The task's step, jitted over the mesh: (state (donated), global batch) -> (state, metrics)."""
+  config, train_data = task.config, task.train_data
+  step_fn = make_train_step(
+      task.loss_fn, task.tx, task.schedule, mesh, config.grad_accum_steps,
+      skip_nonfinite=config.nonfinite == "skip", poison_step=config.debug.poison_step,
+      finish_batch=train_data.finish_batch if train_data.augment_on_device else None,
+      kernel_dtype=task.kernel_dtype, after_update=task.after_update,
+      loss_takes_step=task.loss_takes_step)
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def device_prefetch(host_batches, mesh, depth: int = 2):
@@ -525,6 +547,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
   best = BestParams(workdir, task.keep_best) if task.keep_best else None
 
   hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
+  metric_writers.import_backend()  # not at the first metrics, inside the timed steps
   writer = LazyWriter(lambda: metric_writers.create_default_writer(
       workdir / "tensorboard", just_logging=not is_main), hparams)
   num_params = write_parameter_table(workdir, state["params"])
@@ -537,13 +560,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
           + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
 
   finish_batch = train_data.finish_batch if train_data.augment_on_device else None
-  step_fn = make_train_step(task.loss_fn, task.tx, task.schedule, mesh, config.grad_accum_steps,
-                            skip_nonfinite=config.nonfinite == "skip",
-                            poison_step=config.debug.poison_step, finish_batch=finish_batch,
-                            kernel_dtype=task.kernel_dtype, after_update=task.after_update)
-  train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+  train_step = jitted_train_step(task, mesh, state_shardings)
   pictures_fn = None
   if task.pictures_fn is not None and picture_every:
     def pictures(state, batch, num_images=8):
@@ -647,6 +664,7 @@ def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -
              **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
   if best is not None and best.record["value"] is not None:
     summary.update({f"best/{best.metric}": best.record["value"], "best/step": best.record["step"]})
+  summary.update(task.summary_extra or {})
   if budget.seconds:  # steps after the first, and their seconds (for img/s)
     summary["timed_steps"] = step - start_step - 1
     summary["timed_seconds"] = round(budget.elapsed, 2)

@@ -149,6 +149,13 @@ class MultiWriter:
       writer.close()
 
 
+def import_backend() -> None:
+  """Imports tensorboardX now (it imports torch where that is installed: seconds), so that the
+  first write of a lazily created writer does not stall a timed training loop."""
+  # pylint: disable=import-outside-toplevel,unused-import
+  from tensorboardX import event_file_writer, summary  # noqa: F401
+
+
 def create_default_writer(logdir=None, *, just_logging: bool = False) -> MultiWriter:
   """The log, plus TensorBoard event files in `logdir` unless `just_logging` (other processes
   than the first of a multi-process run)."""

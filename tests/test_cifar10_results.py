@@ -76,28 +76,74 @@ def test_finetune_from_scratch_with_a_time_budget(tmp_path):
     finetune.run(config, str(tmp_path / "both"))
 
 
-def test_results_script_end_to_end_at_tiny_size(tmp_path):
-  """SJ-MAE: data unpacked from a pack file, pretraining stopped by its time budget, kNN, both
-  linear probes, a time-limited fine-tune, and one JSON line with every number."""
-  pack_imagefolder.pack(image_folder(tmp_path / "images"), tmp_path / "tiny.pack")
+def run_script(tmp_path, spec, **knobs):
+  pack = tmp_path / "tiny.pack"
+  if not pack.exists():
+    pack_imagefolder.pack(image_folder(tmp_path / "images"), pack)
   env = {k: v for k, v in os.environ.items() if k != "SJMAE_CIFAR10_DIR"}
-  env.update(TINY="1", PACK=str(tmp_path / "tiny.pack"), DATA_DIR=str(tmp_path / "data"),
+  env.update(TINY="1", PACK=str(pack), DATA_DIR=str(tmp_path / "data"),
              WORK=str(tmp_path / "work"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run(["bash", str(REPO / "benchmarks" / "cifar10_results.sh"), "sjmae"],
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **knobs)
+  result = subprocess.run(["bash", str(REPO / "benchmarks" / "cifar10_results.sh"), spec],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  row = json.loads(result.stdout.strip().splitlines()[-1])
+  return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+
+def test_results_script_runs_every_method_at_tiny_size(tmp_path):
+  """One call for every kind of method: data unpacked from a pack file, budget-sized
+  pretraining, kNN, the fast probe, budget-sized fine-tunes (SJ-MAE's and scratch's), one JSON
+  line per method, the README rows and the plot. (MAE's stages are CAN's with another config
+  file, trained in test_train.py; left out here to keep the suite fast.)"""
+  readme = tmp_path / "README.md"
+  readme.write_text("before\n<!-- cifar10-results -->\nold\n<!-- /cifar10-results -->\nafter\n")
+  rows = run_script(tmp_path, "sjmae,can:0.01+0,scratch:0.02", PROBE_MODE="fast",
+                    README=str(readme))
   with open(tmp_path / "out" / "cifar10_results.jsonl") as f:
-    assert [json.loads(line) for line in f] == [row]
+    assert [json.loads(line) for line in f] == rows
+  assert [row["method"] for row in rows] == ["sjmae", "can", "scratch"]
   assert (tmp_path / "data" / "train" / "cat" / "000.jpg").exists()
-  assert row["method"] == "sjmae" and row["device"] == "1 x cpu"
-  assert row["command"] == "TINY=1 bash benchmarks/cifar10_results.sh sjmae"
-  assert row["pretrain_steps"] == 2 < row["pretrain_total_steps"] == 3  # 48 images, batch 16
-  assert row["finetune_steps"] == 2 < row["finetune_total_steps"]
-  for key in ("knn_top1", "fast_probe_top1", "linear_probe_top1", "finetune_top1"):
-    assert 0.0 <= row[key] <= 1.0, key
-  assert np.isfinite(row["pretrain_loss"])
-  assert set(row["stage_seconds"]) == {"pretrain", "probe", "finetune"}
+  sjmae, can, scratch = rows
+  assert sjmae["device"] == "1 x cpu" and sjmae["data"] == "cifar10 train / test"
+  assert sjmae["command"] == ("PROBE_MODE=fast TINY=1 bash benchmarks/cifar10_results.sh "
+                              "sjmae,can:0.01+0,scratch:0.02")
+  for row in (sjmae, can):  # budget-sized: the schedule completes, its epochs recorded
+    assert row["pretrain_minutes"] == 0.01 and row["pretrain_schedule_completed"]
+    assert row["pretrain_epochs"] >= 1 and row["pretrain_steps"] == row["pretrain_epochs"] * 3
+    assert 0.0 <= row["knn_top1"] <= 1.0 and 0.0 <= row["fast_probe_top1"] <= 1.0
+    assert np.isfinite(row["pretrain_loss"])
+  assert "finetune_top1" not in can and set(can["stage_seconds"]) == {"pretrain", "probe"}
+  for row in (sjmae, scratch):
+    assert row["finetune_schedule_completed"] and row["finetune_epochs"] >= 1
+    assert 0.0 <= row["finetune_top1"] <= 1.0
+  assert sjmae["finetune_minutes"] == 0.01 and scratch["finetune_minutes"] == 0.02
+  assert "pretrain_steps" not in scratch and set(scratch["stage_seconds"]) == {"finetune"}
   for stage in ("pretrain", "probe", "finetune"):
     assert (tmp_path / "out" / f"sjmae-{stage}.log").exists()
+
+  table = (tmp_path / "out" / "cifar10_table.md").read_text().splitlines()
+  assert table[0].startswith("| method | GPU minutes") and len(table) == 2 + 3
+  assert table[2].startswith(f"| sjmae | 0.01 + 0.01 | {sjmae['pretrain_epochs']} / ")
+  assert table[4].startswith("| scratch | 0.02 | - / ")
+  text = readme.read_text()
+  assert "old" not in text and table[2] in text and text.endswith("<!-- /cifar10-results -->\nafter\n")
+  from PIL import Image
+  with Image.open(tmp_path / "out" / "cifar10.png") as plot:
+    assert plot.size == (720, 480)
+    pixels = np.asarray(plot.convert("RGB")).reshape(-1, 3)
+  colours = {tuple(c) for c in pixels}
+  assert (31, 119, 180) in colours and (214, 39, 40) in colours  # sjmae's and scratch's points
+
+
+def test_holdout_split_keeps_the_test_set_out(tmp_path):
+  from benchmarks import cifar10_holdout
+  source = image_folder(tmp_path / "images", per_class={"train": 20, "test": 3})
+  counts = cifar10_holdout.make_holdout(source, tmp_path / "holdout", every=10)
+  assert counts == {"train": 36, "test": 4}
+  held = sorted(p.name for p in (tmp_path / "holdout" / "test" / "cat").iterdir())
+  assert held == ["009.jpg", "019.jpg"]  # every 10th train image of each class
+  for path in (tmp_path / "holdout").rglob("*.jpg"):
+    assert path.resolve().parent.parent.name == "train"  # never the real test/
+  kept = {p.name for p in (tmp_path / "holdout" / "train" / "cat").iterdir()}
+  assert not kept & set(held) and len(kept) == 18
+  assert cifar10_holdout.main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2

@@ -80,7 +80,7 @@ def vit_tiny_classifier_params(global_pool):
 def test_layer_decay_and_weight_decay_follow_mae_for_every_vit_tiny_param(global_pool):
   params, model = vit_tiny_classifier_params(global_pool)
   depth, decay = 12, 0.75
-  policy = load_config("finetune", "data=cifar10").optim  # layer decay 0.75 and MAE's decay list
+  policy = load_config("finetune", "data=imagenet2012").optim  # layer decay 0.75 and MAE's decay list
   assert policy.layer_decay == decay and optim.encoder_depth(params) == depth
   scales = flatten(optim.lr_multipliers(params, policy))
   decays = flatten(jax.tree.map(lambda m: m > 0, optim.wd_multipliers(params, policy)))
@@ -102,7 +102,7 @@ def test_layer_decay_and_weight_decay_follow_mae_for_every_vit_tiny_param(global
 def test_finetune_optimizer_scales_each_update_by_its_layer():
   params, _ = vit_tiny_classifier_params("avg")
   params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
-  config = load_config("finetune", "data=cifar10")
+  config = load_config("finetune", "data=imagenet2012")  # layer decay 0.75
   config.unlock()
   config.lr, config.warmup_epochs, config.optim.weight_decay = 1e-3, 0.0, 0.0
   tx, _ = optim.make_optimizer(config, steps_per_epoch=10)

@@ -139,6 +139,20 @@ def test_zero_weights_equal_mae_exactly_and_compile_to_the_same_cost():
   assert sj_cost["flops"] == mae_cost["flops"]
 
 
+def test_per_term_curves_and_their_chance_levels():
+  """Each term's curve is logged with what chance would give: retrieval among the batch (the
+  contrastive term) and position among the patches (jigsaw); the total is the weighted sum."""
+  config = tiny_config("sjmae")
+  _, _, loss, metrics = init_and_loss(config, random_batch(config, n=8))
+  assert {"loss/mae", "loss/jigsaw", "loss/contrastive", "jigsaw/top1",
+          "contrastive/top1"} <= set(metrics)
+  num_patches = (config.model.img_size // config.model.patch_size) ** 2
+  assert float(metrics["contrastive/chance"]) == pytest.approx(1 / 8)
+  assert float(metrics["jigsaw/chance"]) == pytest.approx(1 / num_patches)
+  np.testing.assert_allclose(loss, sum(metrics[f"loss/{t}"] for t in
+                                       ("mae", "jigsaw", "contrastive")), rtol=1e-6)
+
+
 def test_batched_passes_equal_separate_passes():
   batch = random_batch(tiny_config("sjmae"))
   _, _, batched, m1 = init_and_loss(tiny_config("sjmae"), batch)

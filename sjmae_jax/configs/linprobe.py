@@ -40,6 +40,9 @@ def get_config(arg=None):
   config.checkpoint.keep = 1
   config.monitors = ml_collections.ConfigDict(dict(
       eval=dict(type="classification", every_epochs=10)))  # top-1 / top-5 on data.eval_split
+  if config.arg.data == "cifar10":  # CIFAR's training crop (config_lib.cifar10_recipes); the
+    # probe scores the whole test image (data.eval_crop_fraction 1.0)
+    config.data.recipes.linprobe.update(crop="pad_crop", pad=4)
   if on_digits:  # 8x8 digits: a flip or an 8% crop changes or erases the class
     config.data.recipes.linprobe.update(flip_prob=0.0, rrc_scale=(0.35, 1.0))
   return config.lock()

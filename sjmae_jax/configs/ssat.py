@@ -10,6 +10,7 @@ Reports loss/ce, loss/mae, loss/consistency, train/top1 every log step and eval/
 data.eval_split every epoch. ssat.num_classes=0 reads the class count from the dataset.
 """
 from sjmae_jax import config_lib
+from sjmae_jax import data as data_lib
 
 VARIANTS = {"ssat": dict(views=1, beta=0.0), "fgcr": dict(views=3, beta=1e-3)}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
@@ -26,6 +27,8 @@ def get_config(arg=None):
   config.data.views = ["finetune"]
   if config.arg.data == "cifar10":
     config.data.normalize, config.data.mean, config.data.std = "custom", CIFAR10_MEAN, CIFAR10_STD
+    # The original's views also on CIFAR (not data=cifar10's pad-crop fine-tuning recipe).
+    config.data.recipes.finetune = data_lib.default_config().recipes.finetune
   config.decoder.embed_dim, config.decoder.depth, config.decoder.num_heads = 128, 2, 16
   config.optim.b2 = 0.999  # torch AdamW defaults, as the original
   if config.arg.data != "digits":  # the original: lr 1e-3 (absolute), 100 epochs, warmup 5

@@ -9,7 +9,8 @@ Resize + CenterCrop for eval.
 Crops are expressed per axis as a `CropSpec` row (start, length, total, offset): output pixel i
 samples the input span [start, start + length) resized to `total` pixels, at output position
 i + offset. A RandomResizedCrop is (top, height, size, 0); eval's resize-shorter-side + center
-crop is (0, H, resized_H, center_offset). The batched JAX resampler (augment_jax) reads these;
+crop is (0, H, resized_H, center_offset); a pad-and-crop is (top - pad, size, size, 0), whose
+pixels outside the image are black (the padding). The batched JAX resampler (augment_jax) reads these;
 `crop_one` does the same crop on one image of any size with PIL (torchvision's resized_crop).
 
 Images are channels-last RGB uint8.
@@ -170,9 +171,25 @@ def center_offset(resized, size):
   return int(round((resized - size) / 2.0))
 
 
+def pad_crop_offsets(u, height, width, size, pad):
+  """torchvision RandomCrop(size, padding=pad): (top, left) of the window in the padded image,
+  each ~ randint[0, padded - size], minus `pad` (the image's own coordinates; may be < 0)."""
+  u = np.asarray(u, np.float64)
+  span_h, span_w = height + 2 * pad - size + 1, width + 2 * pad - size + 1
+  if span_h < 1 or span_w < 1:
+    raise ValueError(f"pad_crop: a {height}x{width} image padded by {pad} is smaller than {size}")
+  top = np.minimum(np.floor(u[..., U_TOP] * span_h).astype(np.int64), span_h - 1) - pad
+  left = np.minimum(np.floor(u[..., U_LEFT] * span_w).astype(np.int64), span_w - 1) - pad
+  return top, left
+
+
 def crop_specs(u, height, width, recipe, size, crop_fraction):
   """CropSpec rows (..., 8) float32 of one recipe; `u` (..., NUM_UNIFORMS), H and W ints."""
   batch_shape = np.shape(u)[:-1]
+  if recipe.crop == "pad_crop":
+    top, left = pad_crop_offsets(u, height, width, size, int(recipe.pad))
+    full, zero = np.full(batch_shape, size), np.zeros(batch_shape)
+    return np.stack([top, full, full, zero, left, full, full, zero], axis=-1).astype(np.float32)
   if recipe.crop == "center":
     new_h, new_w = eval_resize_size(height, width, size, crop_fraction)
     row = [0, height, new_h, center_offset(new_h, size),
@@ -189,7 +206,8 @@ def crop_one(image, spec, size, interpolation):
   """Apply one CropSpec to a uint8 image [H, W, 3] of any size -> uint8 [size, size, 3].
 
   PIL crop, then PIL's antialiased resize of the crop in uint8: torchvision's resized_crop on a
-  PIL image, rounding included (and small host -> device transfers).
+  PIL image, rounding included (and small host -> device transfers). PIL fills a box beyond the
+  image with black, which is a pad-and-crop's zero padding; a same-size resize is a copy.
   """
   y_start, y_length, y_total, y_offset, x_start, x_length, x_total, x_offset = (
       int(value) for value in spec)

@@ -37,7 +37,8 @@ def resample_matrix(start, length, total, offset, in_size, out_size, interpolati
   PIL's antialiased resampling of the span [start, start + length) to `total` pixels: output
   pixel j is centred at start + (j + 0.5) * length / total in input coordinates, the kernel is
   stretched by max(length / total, 1), restricted to the span and normalised; rows
-  offset .. offset + out_size - 1 are kept.
+  offset .. offset + out_size - 1 are kept. Output pixels with no input pixel under the kernel
+  (outside the image: a pad-and-crop's padding) get weight 0.
   """
   start, length, total, offset = (v[:, None, None] for v in (start, length, total, offset))
   scale = length / total
@@ -46,7 +47,9 @@ def resample_matrix(start, length, total, offset, in_size, out_size, interpolati
   inputs = jnp.arange(in_size, dtype=jnp.float32)[None, None, :]
   weights = _kernel((inputs + 0.5 - centers) / support_scale, interpolation)
   weights = jnp.where((inputs >= start) & (inputs < start + length), weights, 0.0)
-  return weights / jnp.sum(weights, axis=-1, keepdims=True)
+  total_weight = jnp.sum(weights, axis=-1, keepdims=True)
+  # A row with no input pixel (a pad-and-crop's padding) stays 0: black, as torchvision pads.
+  return weights / jnp.where(total_weight > 0, total_weight, 1.0)
 
 
 def crop_resize(images, crop_spec, size, interpolation):

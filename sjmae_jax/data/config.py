@@ -26,8 +26,11 @@ def default_tfds_dir():
 def _recipe(**overrides):
   """One augmentation recipe. Every recipe has every key so that any can be overridden."""
   recipe = dict(
-      # 'random_resized_crop' (train) or 'center' (resize + center crop, the eval recipe).
+      # 'random_resized_crop' (train), 'center' (resize + center crop, the eval recipe) or
+      # 'pad_crop' (torchvision RandomCrop(img_size, padding=pad): a random img_size window of the
+      # image zero-padded by `pad` pixels on each side, no resampling; the CIFAR train crop).
       crop="random_resized_crop",
+      pad=0,  # pixels of zero padding on each side, for crop='pad_crop'
       rrc_scale=(0.2, 1.0),  # fraction of the image area
       rrc_ratio=(3.0 / 4.0, 4.0 / 3.0),  # width / height, sampled log-uniformly
       interpolation="bicubic",  # 'bicubic' | 'bilinear'

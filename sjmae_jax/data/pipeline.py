@@ -123,9 +123,12 @@ def _recipe(cfg, name):
   if missing:
     raise DataError(f"data.recipes.{name} lacks {', '.join(missing)} (a recipe has every key of "
                     "data.recipes.mae)")
-  if recipe.crop not in ("random_resized_crop", "center"):
+  if recipe.crop not in ("random_resized_crop", "center", "pad_crop"):
     raise DataError(f"data.recipes.{name}.crop={recipe.crop!r} (expected "
-                    "'random_resized_crop' or 'center')")
+                    "'random_resized_crop', 'center' or 'pad_crop')")
+  if recipe.crop == "pad_crop" and not 0 <= int(recipe.pad) <= int(cfg.img_size):
+    raise DataError(f"data.recipes.{name}.pad={recipe.pad!r} (expected 0 to img_size "
+                    f"{cfg.img_size} pixels)")
   if recipe.interpolation not in ("bicubic", "bilinear"):
     raise DataError(f"data.recipes.{name}.interpolation={recipe.interpolation!r} (expected "
                     "'bicubic' or 'bilinear')")

@@ -11,23 +11,42 @@ train state (WORKDIR/checkpoints, resumable), the best params (WORKDIR/best) and
 results.json.
 """
 import jax
+import jax.numpy as jnp
 
 from sjmae_jax import data, engine, evaluation, optim, paths
 from sjmae_jax.evaluation import common, mixup
 from sjmae_jax.objectives.losses import softmax_cross_entropy
 
 
-def make_loss_fn(classifier, config, num_classes: int):
-  """(params, batch_stats, batch, rng) -> (loss, (metrics, batch_stats)): mixup / cutmix with
-  label smoothing, then the soft-target cross-entropy of the classifier (drop path on)."""
-  mix = config.mixup
+def mixup_off_step(config, total_steps: int) -> int:
+  """The first step (0-based) without mixup / cutmix: the last `mixup.off_fraction` of the
+  schedule trains on clean images; total_steps when off_fraction is 0."""
+  fraction = config.mixup.get("off_fraction", 0.0)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config mixup.off_fraction: {fraction} must be in [0, 1]")
+  return int(round(total_steps * (1.0 - fraction)))
 
-  def loss_fn(params, batch_stats, batch, rng):
+
+def make_loss_fn(classifier, config, num_classes: int, total_steps: int = 0):
+  """(params, batch_stats, batch, rng, step) -> (loss, (metrics, batch_stats)): mixup / cutmix
+  with label smoothing (off from `mixup_off_step`), then the soft-target cross-entropy of the
+  classifier (drop path on)."""
+  mix = config.mixup
+  off_step = None
+  if mix.get("off_fraction", 0.0):
+    if total_steps <= 0:
+      raise ValueError("make_loss_fn: config mixup.off_fraction needs the schedule's total_steps")
+    off_step = mixup_off_step(config, total_steps)
+
+  def loss_fn(params, batch_stats, batch, rng, step=None):
     mix_rng, dropout_rng = jax.random.split(rng)
+    prob = mix.prob
+    if off_step is not None:
+      prob = jnp.where(step < off_step, prob, 0.0)
     images, targets, _ = mixup.mix(
         mix_rng, batch["images"][:, 0], batch["label"], num_classes,
         mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha,
-        switch_prob=mix.switch_prob, prob=mix.prob, label_smoothing=config.label_smoothing)
+        switch_prob=mix.switch_prob, prob=prob, label_smoothing=config.label_smoothing)
     logits = classifier.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
     loss, _ = softmax_cross_entropy(logits, targets)  # the accuracy of mixed targets means little
     return loss, ({}, batch_stats)
@@ -102,7 +121,10 @@ def program(config) -> engine.Program:
 
     return engine.Task(
         config=config, train_data=train_data, total_steps=config.epochs * steps_per_epoch,
-        init_state=init_state, loss_fn=make_loss_fn(classifier, config, info.num_classes),
+        init_state=init_state,
+        loss_fn=make_loss_fn(classifier, config, info.num_classes,
+                             config.epochs * steps_per_epoch),
+        loss_takes_step=bool(config.mixup.get("off_fraction", 0.0)),
         tx=tx, schedule=schedule, describe=describe, monitors=monitors,
         after_update=ema_update(config.ema_decay) if config.ema_decay else None,
         after_init=after_init, summary_file="results.json", keep_best="eval/top1",

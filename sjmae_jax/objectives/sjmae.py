@@ -129,6 +129,7 @@ class SJMAE(base.Objective):
     if "jigsaw" in cfg.active:
       logits = self.jigsaw_head(tokens2[:, 1:])
       losses["jigsaw"], metrics["jigsaw/top1"] = softmax_cross_entropy(logits, jig.keep_ids)
+      metrics["jigsaw/chance"] = jnp.float32(1.0 / logits.shape[-1])  # 1 / positions
     if "contrastive" in cfg.active:
       cls1, cls2 = tokens1[:, 0], tokens2[:, 0]
       p1, p2 = self.predictor(cls1, train=train), self.predictor(cls2, train=train)
@@ -139,6 +140,8 @@ class SJMAE(base.Objective):
       else:
         loss, acc = contrastive.simsiam(p1, p2, cls1, cls2)
       losses["contrastive"], metrics["contrastive/top1"] = loss, acc
+      # Retrieval among the (micro-)batch: top-1 at chance is 1 / batch, the loss ln(batch).
+      metrics["contrastive/chance"] = jnp.float32(1.0 / p1.shape[0])
     if cfg.weighting == "uncertainty":
       log_vars = self.loss_log_vars
       total = sum(jnp.exp(-log_vars[i]) * losses[t] + log_vars[i] for i, t in enumerate(cfg.active))
