@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -35,7 +36,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sjmae_jax import checkpointing, config_lib, console, metric_writers, paths, sharding
+from sjmae_jax import (checkpointing, config_lib, console, metric_writers, paths,
+                       schedule_budget, sharding)
 
 
 ABORTED_BY_CTRL_C = ("interrupted (Ctrl-C): stopped at once, without saving; the same command resumes "
@@ -93,8 +95,8 @@ def run(program: Program, workdir) -> dict:
   workdir = epath.Path(paths.absolute(workdir))
   checkpointing.check_writable(workdir)
   start_step = resume_step(workdir, program.abstract_state(), config)
-  from sjmae_jax import schedule_budget  # pylint: disable=import-outside-toplevel (it uses us)
-  chosen = schedule_budget.size_schedule(program, workdir, start_step)  # config.train_minutes
+  chosen = schedule_budget.size_schedule(  # config.train_minutes
+      config, workdir, start_step, lambda num_steps: measure_step_speed(program, num_steps))
   preemption = PreemptionNotice(start_step)
   try:
     task = program.build(start_step)
@@ -249,6 +251,44 @@ def device_prefetch(host_batches, mesh, depth: int = 2):
     queue.append(sharding.global_batch(local, mesh))
     if len(queue) >= depth:
       yield queue.popleft()
+
+
+def measure_step_speed(program: Program, num_steps: int) -> dict:
+  """Seconds per step of the program's jitted step over `num_steps` steps, on a fresh state and
+  the run's first batches, after the compiling step and the steps that read what the input
+  pipeline prepared meanwhile (process 0's measure on every process); for time budgets
+  (schedule_budget)."""
+  config = program.config
+  task = program.build(0)
+  mesh = sharding.make_mesh(config.mesh)
+  init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
+  rng = jax.random.PRNGKey(config.seed)
+  state_shardings = sharding.tree_shardings(jax.eval_shape(init_fn, rng), mesh,
+                                            config.sharding.rules, config.sharding.min_size)
+  state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+  train_step = jitted_train_step(task, mesh, state_shardings)
+  batches = device_prefetch(iter(task.train_data), mesh)
+  log_every = config_lib.every_steps(config, "log_every", batch_size=config.batch_size,
+                                     steps_per_epoch=task.train_data.steps_per_epoch)
+  # The input pipeline fills its buffers while the first step compiles: the steps that read
+  # those batches are left out of the timing, which would otherwise miss the input's cost.
+  warm_steps = 1 + int(config.data.get("prefetch", 2)) + 2  # + device_prefetch's depth
+  started = None
+  for step in range(1, warm_steps + num_steps + 1):
+    state, metrics = train_step(state, next(batches))
+    if step % log_every == 0:  # the loop's metric fetches
+      jax.device_get(metrics)
+    if step == warm_steps:
+      jax.block_until_ready(metrics)
+      started = time.time()
+  jax.block_until_ready((state, metrics))
+  seconds = (time.time() - started) / num_steps
+  if jax.process_count() > 1:
+    seconds = float(multihost_utils.broadcast_one_to_all(np.asarray(seconds, np.float64)))
+  del state, metrics
+  return {"seconds_per_step": round(seconds, 6), "calibration_steps": num_steps,
+          "steps_per_epoch": int(task.train_data.steps_per_epoch),
+          "images_per_second": round(config.batch_size / seconds) if seconds else math.inf}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,195 +548,279 @@ class BestParams:
 
 
 def _train(task: Task, workdir, start_step: int, preemption: PreemptionNotice) -> dict:
-  config = task.config
-  is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh)
-  train_data = task.train_data
-  steps_per_epoch = train_data.steps_per_epoch
   total_steps = task.total_steps
-  stop_step = min(total_steps, config.stop_at_step or total_steps)
+  stop_step = min(total_steps, task.config.stop_at_step or total_steps)
   if start_step and start_step >= stop_step:
     return already_complete(workdir, task.summary_file, start_step, total_steps)
-  every = lambda block, name: config_lib.every_steps(block, name, steps_per_epoch=steps_per_epoch,
-                                                     batch_size=config.batch_size)
-  log_every, picture_every = every(config, "log_every"), every(config, "picture_every")
+  run = _Run.start(task, workdir, start_step, stop_step)
+  try:
+    stopped = run.loop(preemption)
+  except BaseException:
+    run.close_after_error()
+    raise
+  run.close()
+  return run.report(preemption if stopped else None)
 
-  init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules,
-                                            config.sharding.min_size)
 
-  checkpointing.write_config(workdir, config)  # the first write to the workdir
-  checkpointer = checkpointing.Checkpointer(  # deletes what killed saves left behind
-      workdir, max_to_keep=config.checkpoint.keep,
-      save_every_steps=every(config.checkpoint, "every"),
-      async_save=config.checkpoint.async_save)
-  if start_step:
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        state_shardings)
-    state = checkpointer.restore(start_step, abstract_state)
-    train_data.restore(checkpointer.data_state(start_step))
-    earlier_seconds = (checkpointer.run_state(start_step) or {}).get("wall_seconds", 0.0)
-  else:
-    earlier_seconds = 0.0  # wall time of the run's earlier segments (before a resume)
-    state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-    if task.after_init is not None:
-      state = task.after_init(state, state_shardings)
-  best = BestParams(workdir, task.keep_best) if task.keep_best else None
+@dataclasses.dataclass
+class _Run:
+  """One segment of a run, from its start (fresh or resumed) to its end: what the loop reads and
+  writes, and the three parts the loop has (`start`, `loop`, `report`)."""
+  task: Task
+  workdir: Any
+  mesh: Any
+  start_step: int
+  stop_step: int
+  log_every: int
+  picture_every: int
+  state: Any
+  train_step: Callable
+  pictures_fn: Callable | None
+  checkpointer: checkpointing.Checkpointer
+  best: BestParams | None
+  writer: LazyWriter
+  progress: console.Progress
+  nonfinite: NonFiniteWatch
+  budget: TimeBudget
+  earlier_seconds: float                 # wall time of the run's segments before this one
+  started: float = 0.0
+  step: int = 0
+  last_metrics: dict = dataclasses.field(default_factory=dict)
+  monitor_metrics: dict = dataclasses.field(default_factory=dict)
 
-  hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
-  metric_writers.import_backend()  # not at the first metrics, inside the timed steps
-  writer = LazyWriter(lambda: metric_writers.create_default_writer(
-      workdir / "tensorboard", just_logging=not is_main), hparams)
-  num_params = write_parameter_table(workdir, state["params"])
-  progress = console.Progress(total_steps, start_step, end_step=stop_step,
-                              steps_per_epoch=steps_per_epoch,
-                              examples_per_step=config.batch_size,
-                              live=None if is_main else False)
-  if is_main:
-    print(task.describe(num_params, start_step)
-          + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
+  @property
+  def config(self):
+    return self.task.config
 
-  finish_batch = train_data.finish_batch if train_data.augment_on_device else None
-  train_step = jitted_train_step(task, mesh, state_shardings)
-  pictures_fn = None
-  if task.pictures_fn is not None and picture_every:
-    def pictures(state, batch, num_images=8):
-      small = jax.tree.map(lambda x: x[:num_images], batch)
-      return task.pictures_fn(state, finish_batch(small) if finish_batch else small)
-    pictures_fn = jax.jit(pictures, out_shardings=sharding.replicated(mesh))
-  monitor_metrics = {}
-  nonfinite = NonFiniteWatch(int(jax.device_get(state["nonfinite_steps"])))
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
 
-  def look_for_nonfinite(step, count):
-    bad = nonfinite.look(step, count)
-    if bad and config.nonfinite == "stop":
+  @classmethod
+  def start(cls, task: Task, workdir, start_step: int, stop_step: int) -> "_Run":
+    """The state (restored with the data position, or fresh), the checkpointer, writers and the
+    progress line, the jitted step; prints the run's first lines."""
+    config = task.config
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    train_data = task.train_data
+    every = lambda block, name: config_lib.every_steps(
+        block, name, steps_per_epoch=train_data.steps_per_epoch, batch_size=config.batch_size)
+
+    init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(init_fn, rng)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules,
+                                              config.sharding.min_size)
+    checkpointing.write_config(workdir, config)  # the first write to the workdir
+    checkpointer = checkpointing.Checkpointer(  # deletes what killed saves left behind
+        workdir, max_to_keep=config.checkpoint.keep,
+        save_every_steps=every(config.checkpoint, "every"),
+        async_save=config.checkpoint.async_save)
+    if start_step:
+      abstract_state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+          state_shardings)
+      state = checkpointer.restore(start_step, abstract_state)
+      train_data.restore(checkpointer.data_state(start_step))
+      earlier_seconds = (checkpointer.run_state(start_step) or {}).get("wall_seconds", 0.0)
+    else:
+      state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+      if task.after_init is not None:
+        state = task.after_init(state, state_shardings)
+      earlier_seconds = 0.0
+
+    hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str))}
+    metric_writers.import_backend()  # not at the first metrics, inside the timed steps
+    writer = LazyWriter(lambda: metric_writers.create_default_writer(
+        workdir / "tensorboard", just_logging=not is_main), hparams)
+    num_params = write_parameter_table(workdir, state["params"])
+    progress = console.Progress(task.total_steps, start_step, end_step=stop_step,
+                                steps_per_epoch=train_data.steps_per_epoch,
+                                examples_per_step=config.batch_size,
+                                live=None if is_main else False)
+    if is_main:
+      print(task.describe(num_params, start_step)
+            + f" (parameter table: {paths.shown(workdir / 'parameters.txt')})", flush=True)
+
+    picture_every = every(config, "picture_every")
+    pictures_fn = None
+    if task.pictures_fn is not None and picture_every:
+      finish_batch = train_data.finish_batch if train_data.augment_on_device else None
+
+      def pictures(state, batch, num_images=8):
+        small = jax.tree.map(lambda x: x[:num_images], batch)
+        return task.pictures_fn(state, finish_batch(small) if finish_batch else small)
+      pictures_fn = jax.jit(pictures, out_shardings=sharding.replicated(mesh))
+    log_every = every(config, "log_every")
+    return cls(
+        task=task, workdir=workdir, mesh=mesh, start_step=start_step, stop_step=stop_step,
+        log_every=log_every, picture_every=picture_every, state=state,
+        train_step=jitted_train_step(task, mesh, state_shardings), pictures_fn=pictures_fn,
+        checkpointer=checkpointer,
+        best=BestParams(workdir, task.keep_best) if task.keep_best else None,
+        writer=writer, progress=progress,
+        nonfinite=NonFiniteWatch(int(jax.device_get(state["nonfinite_steps"]))),
+        budget=TimeBudget(config.get("stop_after_minutes", 0.0), log_every),
+        earlier_seconds=earlier_seconds, step=start_step)
+
+  # --- the loop
+
+  def loop(self, preemption: PreemptionNotice) -> bool:
+    """Steps to stop_step (or a time budget's end, or a signal's step); True when a signal
+    stopped it."""
+    pending = None
+    self.started = time.time()
+    batches = device_prefetch(iter(self.task.train_data), self.mesh)
+    while self.step < self.stop_step:
+      batch = next(batches)
+      self.state, metrics = self.train_step(self.state, batch)
+      self.step += 1
+      step = self.step
+      if self.budget.up(step, metrics):
+        self.stop_step = step  # the last step: log, monitors and checkpoint as at the end
+      self.nonfinite.record(step, metrics)
+      self.progress.step(step)
+      if pending is not None:  # fetch the previous step's metrics after dispatching this one
+        self.last_metrics = self.fetch_metrics(*pending)
+        pending = None
+      if step % self.log_every == 0 or step == self.stop_step:
+        pending = (step, metrics)
+      if self.pictures_fn is not None and (step % self.picture_every == 0
+                                           or step == self.stop_step):
+        pictures = jax.device_get(self.pictures_fn(self.state, batch))
+        self.writer.write_images(step, {k: np.asarray(v, np.float32)
+                                        for k, v in pictures.items()})
+      self.monitor(step)
+      stopped = preemption.reached(step)
+      if stopped or step == self.stop_step or self.checkpointer.should_save(step):
+        self.save(step)
+      if stopped:
+        break
+    else:
+      stopped = False
+    if pending is not None:
+      self.last_metrics = self.fetch_metrics(*pending)
+    self.checkpointer.wait()
+    return stopped
+
+  def monitor(self, step: int) -> None:
+    """The monitors due at `step`. Not at an early stop (stop_at_step): the schedule is not
+    done. A time budget's last step is the run's result: monitored."""
+    results = {}
+    for monitor in self.task.monitors:
+      if (monitor.every_steps and step % monitor.every_steps == 0) or (
+          step == self.task.total_steps) or self.budget.reached:
+        results.update(monitor(self.state))
+    if not results:
+      return
+    self.writer.write_scalars(step, results)
+    self.monitor_metrics.update(results)
+    if self.best is not None and self.best.update(step, results, self.state["params"]):
+      results[f"best {self.best.metric}"] = results[self.best.metric]
+    if self.is_main:
+      self.progress.print(f"step {step}: " + ", ".join(f"{k} {shown(v)}"
+                                                       for k, v in results.items()))
+
+  def save(self, step: int) -> None:
+    if self.config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
+      self.look_for_nonfinite(step, int(jax.device_get(self.state["nonfinite_steps"])))
+    self.checkpointer.save(
+        step, self.state, force=True, data_state=self.task.train_data.checkpoint_state(step),
+        run_state={"wall_seconds": self.earlier_seconds + time.time() - self.started})
+
+  def fetch_metrics(self, step: int, metrics) -> dict:
+    scalars = write_metrics(self.writer, step, metrics)
+    rate = self.progress.rate()
+    if rate:
+      self.writer.write_scalars(step, {"steps_per_sec": rate,
+                                       "images_per_sec": rate * self.config.batch_size})
+    if self.is_main:
+      self.progress.metrics(step, scalars)
+    self.look_for_nonfinite(step, int(scalars["nonfinite_steps"]))
+    return scalars
+
+  def look_for_nonfinite(self, step: int, count: int) -> None:
+    bad = self.nonfinite.look(step, count)
+    if bad and self.config.nonfinite == "stop":
       bad_step, metrics = bad[0]
-      checkpointer.wait()  # a save in flight is of an earlier, good state
-      latest = checkpointer.latest_step()
+      self.checkpointer.wait()  # a save in flight is of an earlier, good state
+      latest = self.checkpointer.latest_step()
       raise NonFiniteLossError(
           f"non-finite loss at step {bad_step}: {loss_terms(metrics)}; stopped without saving "
           f"(last checkpoint: {f'step {latest}' if latest else 'none'} in "
-          f"{paths.shown(checkpointer.directory)}); --config.nonfinite=skip drops such steps "
-          f"instead")
-    if bad and is_main:
-      progress.print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped "
-                     f"update(s) of step(s) {', '.join(str(s) for s, _ in bad)}; {count} skipped "
-                     f"so far")
+          f"{paths.shown(self.checkpointer.directory)}); --config.nonfinite=skip drops such "
+          f"steps instead")
+    if bad and self.is_main:
+      self.progress.print(f"step {bad[0][0]}: non-finite loss ({loss_terms(bad[0][1])}); skipped "
+                          f"update(s) of step(s) {', '.join(str(s) for s, _ in bad)}; {count} "
+                          f"skipped so far")
 
-  def fetch_metrics(step, metrics):
-    scalars = write_metrics(writer, step, metrics)
-    rate = progress.rate()
-    if rate:
-      writer.write_scalars(step, {"steps_per_sec": rate,
-                                  "images_per_sec": rate * config.batch_size})
-    if is_main:
-      progress.metrics(step, scalars)
-    look_for_nonfinite(step, int(scalars["nonfinite_steps"]))
-    return scalars
+  def close_after_error(self) -> None:
+    self.progress.close()
+    close_quietly(self.checkpointer)  # lets a save of an earlier, good state finish
+    if self.best is not None:
+      close_quietly(self.best.checkpointer)
 
-  last_metrics, pending = {}, None
-  started = time.time()
-  batches = device_prefetch(iter(train_data), mesh)
-  step = start_step
-  stopped = False
-  budget = TimeBudget(config.get("stop_after_minutes", 0.0), log_every)
-  try:
-    while step < stop_step:
-      batch = next(batches)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if budget.up(step, metrics):
-        stop_step = step  # the last step: log, monitors and checkpoint as at the end
-      nonfinite.record(step, metrics)
-      progress.step(step)
-      if pending is not None:  # fetch the previous step's metrics after dispatching this one
-        last_metrics = fetch_metrics(*pending)
-        pending = None
-      if step % log_every == 0 or step == stop_step:
-        pending = (step, metrics)
-      if pictures_fn is not None and (step % picture_every == 0 or step == stop_step):
-        pictures = jax.device_get(pictures_fn(state, batch))
-        writer.write_images(step, {k: np.asarray(v, np.float32) for k, v in pictures.items()})
-      # Not at an early stop (stop_at_step): the schedule is not done. A time budget's last step
-      # is the run's result: monitored.
-      results = {}
-      for monitor in task.monitors:
-        if (monitor.every_steps and step % monitor.every_steps == 0) or step == total_steps or (
-            budget.reached):
-          results.update(monitor(state))
-      if results:
-        writer.write_scalars(step, results)
-        monitor_metrics.update(results)
-        if best is not None and best.update(step, results, state["params"]):
-          results[f"best {best.metric}"] = results[best.metric]
-        if is_main:
-          progress.print(f"step {step}: " + ", ".join(f"{k} {shown(v)}" for k, v in results.items()))
-      stopped = preemption.reached(step)
-      if stopped or step == stop_step or checkpointer.should_save(step):
-        if config.nonfinite == "stop":  # never save a poisoned state (one fetch, at saves only)
-          look_for_nonfinite(step, int(jax.device_get(state["nonfinite_steps"])))
-        checkpointer.save(step, state, force=True, data_state=train_data.checkpoint_state(step),
-                          run_state={"wall_seconds": earlier_seconds + time.time() - started})
-      if stopped:
-        break
-    if pending is not None:
-      last_metrics = fetch_metrics(*pending)
-    checkpointer.wait()
-  except BaseException:
-    progress.close()
-    close_quietly(checkpointer)  # lets a save of an earlier, good state finish
-    if best is not None:
-      close_quietly(best.checkpointer)
-    raise
-  progress.close()
-  checkpointer.close()
-  if best is not None:
-    best.close()
-  writer.flush()
+  def close(self) -> None:
+    self.progress.close()
+    self.checkpointer.close()
+    if self.best is not None:
+      self.best.close()
+    self.writer.flush()
 
-  segment_seconds = time.time() - started
-  wall_seconds = earlier_seconds + segment_seconds  # over every segment of the run
-  summary = {"step": step, "total_steps": total_steps, "wall_seconds": round(wall_seconds, 2),
-             "segment_wall_seconds": round(segment_seconds, 2),
-             **{k: float(v) for k, v in last_metrics.items()}, **monitor_metrics}
-  if best is not None and best.record["value"] is not None:
-    summary.update({f"best/{best.metric}": best.record["value"], "best/step": best.record["step"]})
-  summary.update(task.summary_extra or {})
-  if budget.seconds:  # steps after the first, and their seconds (for img/s)
-    summary["timed_steps"] = step - start_step - 1
-    summary["timed_seconds"] = round(budget.elapsed, 2)
-  if budget.reached:
-    summary["stopped_after_minutes"] = config.stop_after_minutes
-    if is_main:
-      print(f"Stopped at step {step} of {total_steps}: stop_after_minutes="
-            f"{config.stop_after_minutes} reached", flush=True)
-  if stopped:
-    by = "Ctrl-C" if preemption.received == "SIGINT" else preemption.received
-    print(f"Stopped by {by} at step {step}: checkpoint saved in "
-          f"{paths.shown(checkpointer.directory)}; run the same command to resume",
-          flush=True)  # every process: each log says where it stopped
-    return dict(summary, preempted=True, stopped_by=preemption.received)
-  if task.finalize is not None:
-    summary = task.finalize(summary)
-  if is_main:
-    summary_path = workdir / task.summary_file
+  # --- the end
+
+  def report(self, stopped_by: PreemptionNotice | None) -> dict:
+    """The summary (written to the workdir when the run is done) and the last lines."""
+    config, task, step = self.config, self.task, self.step
+    segment_seconds = time.time() - self.started
+    wall_seconds = self.earlier_seconds + segment_seconds  # over every segment of the run
+    summary = {"step": step, "total_steps": task.total_steps,
+               "wall_seconds": round(wall_seconds, 2),
+               "segment_wall_seconds": round(segment_seconds, 2),
+               **{k: float(v) for k, v in self.last_metrics.items()}, **self.monitor_metrics}
+    best = self.best
+    if best is not None and best.record["value"] is not None:
+      summary.update({f"best/{best.metric}": best.record["value"],
+                      "best/step": best.record["step"]})
+    summary.update(task.summary_extra or {})
+    if self.budget.seconds:  # steps after the first, and their seconds (for img/s)
+      summary["timed_steps"] = step - self.start_step - 1
+      summary["timed_seconds"] = round(self.budget.elapsed, 2)
+    if self.budget.reached:
+      summary["stopped_after_minutes"] = config.stop_after_minutes
+      if self.is_main:
+        print(f"Stopped at step {step} of {task.total_steps}: stop_after_minutes="
+              f"{config.stop_after_minutes} reached", flush=True)
+    if stopped_by is not None:
+      by = "Ctrl-C" if stopped_by.received == "SIGINT" else stopped_by.received
+      print(f"Stopped by {by} at step {step}: checkpoint saved in "
+            f"{paths.shown(self.checkpointer.directory)}; run the same command to resume",
+            flush=True)  # every process: each log says where it stopped
+      return dict(summary, preempted=True, stopped_by=stopped_by.received)
+    if task.finalize is not None:
+      summary = task.finalize(summary)
+    if self.is_main:
+      self.print_done(summary, wall_seconds, segment_seconds)
+    return summary
+
+  def print_done(self, summary: dict, wall_seconds: float, segment_seconds: float) -> None:
+    workdir, best = self.workdir, self.best
+    summary_path = workdir / self.task.summary_file
     checkpointing.write_text_atomically(summary_path, json.dumps(summary, indent=2, sort_keys=True))
     results = ", ".join([f"loss {summary.get('loss', float('nan')):.4f}"]
-                        + [f"{k} {shown(v)}" for k, v in monitor_metrics.items()])
+                        + [f"{k} {shown(v)}" for k, v in self.monitor_metrics.items()])
     took = console.duration(wall_seconds) + (
-        f" ({console.duration(segment_seconds)} since the resume at step {start_step})"
-        if start_step else "")
-    lines = [f"Done at step {step} of {total_steps} in {took}: {results}",
-             f"  checkpoints:  {paths.shown(checkpointer.directory)}",
+        f" ({console.duration(segment_seconds)} since the resume at step {self.start_step})"
+        if self.start_step else "")
+    lines = [f"Done at step {self.step} of {self.task.total_steps} in {took}: {results}",
+             f"  checkpoints:  {paths.shown(self.checkpointer.directory)}",
              f"  summary:      {paths.shown(summary_path)}",
              f"  TensorBoard:  tensorboard --logdir {paths.shown(workdir / 'tensorboard')}"]
     if best is not None and best.record["value"] is not None:
       lines.insert(2, f"  best params:  {paths.shown(best.directory / 'checkpoints')} "
                       f"({best.metric} {best.record['value']:.4f} at step {best.record['step']})")
-    if task.last_lines is not None:
-      lines += task.last_lines(workdir, summary)
+    if self.task.last_lines is not None:
+      lines += self.task.last_lines(workdir, summary)
     print("\n".join(lines), flush=True)
-  return summary

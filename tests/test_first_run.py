@@ -103,7 +103,7 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
                "--workdir=runs/probe", f"--config.init_from={init_from}", "--config.mode=fast",
                "--config.epochs=2"], cwd)
   assert probe.returncode == 0, probe.stderr[-3000:]
-  assert probe.stdout.startswith(f"fast linear probe of {init_from}: features of digits train")
+  assert probe.stdout.startswith(f"fast linear probe of {pretrained}: features of digits train")
   results = json.loads((cwd / "runs/probe/results.json").read_text())
   assert 0.0 <= results["fast_top1"] <= 1.0
   assert results["config"]["init_from"] == str(pretrained)  # resolved against the cwd

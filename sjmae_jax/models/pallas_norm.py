@@ -15,7 +15,7 @@ kernel that writes it keeps its column sums.
 
 Where the kernels apply: a CUDA GPU (Pallas lowers them through Triton), a feature width that is
 a power of two up to MAX_WIDTH, and a row count that is a multiple of TILE_ROWS. Everywhere else
-(CPU, TPU, other shapes) `layer_norm` is `vit.fused_layer_norm`, the same function in plain JAX.
+(CPU, TPU, other shapes) `layer_norm` is `fused_ops.fused_layer_norm`, the same function in plain JAX.
 `interpret=True` runs the kernels in Pallas' interpreter on any backend (the CPU tests).
 """
 import functools
@@ -23,6 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from sjmae_jax.models.fused_ops import fused_gelu, fused_layer_norm
 
 TILE_ROWS = 16      # rows per tile: a power of two (Triton's tensors are)
 MAX_TILES = 8       # tiles walked by one program: fewer, longer programs, fewer partial sums
@@ -148,11 +150,10 @@ pallas_layer_norm.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def layer_norm(x, scale, bias, epsilon: float, dtype, interpret: bool = False):
-  """The Pallas kernels where they apply (kernel_applies), else vit.fused_layer_norm."""
+  """The Pallas kernels where they apply (kernel_applies), else fused_ops.fused_layer_norm."""
   if kernel_applies(x.shape, interpret):
     return pallas_layer_norm(x, scale, bias, epsilon, dtype, interpret)
-  from sjmae_jax.models import vit  # pylint: disable=import-outside-toplevel
-  return vit.fused_layer_norm(x, scale, bias, epsilon, dtype)
+  return fused_layer_norm(x, scale, bias, epsilon, dtype)
 
 
 # ----------------------------------------------------------------------------- GELU + bias
@@ -231,8 +232,7 @@ pallas_gelu_bias.defvjp(_gelu_bias_fwd, _gelu_bias_bwd)
 
 def gelu_bias(h, bias, approximate: bool = False, interpret: bool = False):
   """gelu(h + bias): the Pallas backward kernel where it applies (kernel_applies), else
-  vit.fused_gelu of h + bias (autodiff sums the bias gradient)."""
+  fused_ops.fused_gelu of h + bias (autodiff sums the bias gradient)."""
   if kernel_applies(h.shape, interpret):
     return pallas_gelu_bias(h, bias, approximate, interpret)
-  from sjmae_jax.models import vit  # pylint: disable=import-outside-toplevel
-  return vit.fused_gelu(h + bias.astype(h.dtype), approximate)
+  return fused_gelu(h + bias.astype(h.dtype), approximate)

@@ -14,7 +14,6 @@ output index laid out as (3, heads, head_dim).
 `pos_embed` is a parameter initialised to the fixed 2-D sin-cos table; pretraining configs freeze
 it through the optimizer (as MAE does with requires_grad=False), fine-tuning trains it (as timm).
 """
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjmae_jax.models import posemb
+from sjmae_jax.models.fused_ops import fused_gelu, fused_layer_norm  # noqa: F401 (the levers)
 from sjmae_jax.models.sizes import SIZES
 
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -141,44 +141,6 @@ NORM_IMPLS = ("flax", "fused", "pallas")
 GELU_IMPLS = ("flax", "fused", "pallas")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fused_layer_norm(x, scale, bias, epsilon: float, dtype):
-  """LayerNorm over the last axis: statistics in float32, output in `dtype`.
-
-  The forward pass is flax.linen.LayerNorm's, op for op (fast variance E[x^2] - E[x]^2, clipped
-  at 0), so its values are the same. The backward pass is the closed form from the saved input
-  and the per-row mean and 1/std: autodiff of flax's form saves three float32 copies of the
-  activation (x, x - mean, the normalised x), this saves the input in its own dtype.
-  """
-  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  mean2 = jnp.mean(jax.lax.square(x32), axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.maximum(0.0, mean2 - jax.lax.square(mean)) + epsilon)
-  y = (x32 - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-  return y.astype(dtype), (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_bwd(epsilon, dtype, residuals, dy):
-  del epsilon, dtype
-  x, mean, rstd, scale, bias = residuals
-  xhat = (x.astype(jnp.float32) - mean) * rstd
-  dy = dy.astype(jnp.float32)
-  rows = tuple(range(x.ndim - 1))
-  dscale = jnp.sum(dy * xhat, axis=rows).astype(scale.dtype)
-  dbias = jnp.sum(dy, axis=rows).astype(bias.dtype)
-  g = dy * scale.astype(jnp.float32)
-  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
-               - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), dscale, dbias
-
-
-fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class FusedLayerNorm(nn.Module):
   """nn.LayerNorm's parameters (scale, bias) and values, `fused_layer_norm`'s backward pass;
   impl='pallas': the Pallas kernels of models/pallas_norm.py where they apply (a CUDA GPU,
@@ -194,7 +156,7 @@ class FusedLayerNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (d,))
     dtype = jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype
     if self.impl == "pallas":
-      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel
+      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel (Pallas: only when asked for)
       return pallas_norm.layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
     return fused_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
@@ -204,26 +166,6 @@ def layer_norm(impl: str, dtype, name: Optional[str] = None, epsilon: float = 1e
   if impl in ("fused", "pallas"):
     return FusedLayerNorm(epsilon=epsilon, dtype=dtype, impl=impl, name=name)
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fused_gelu(x, approximate: bool = False):
-  """jax.nn.gelu with a backward pass that saves only the input and recomputes the derivative
-  in float32. Autodiff of the exact form saves four arrays of the hidden width (a product, erfc,
-  exp and a copy of the input)."""
-  return jax.nn.gelu(x, approximate=approximate)
-
-
-def _gelu_fwd(x, approximate):
-  return fused_gelu(x, approximate), x
-
-
-def _gelu_bwd(approximate, x, dy):
-  _, vjp = jax.vjp(lambda v: jax.nn.gelu(v, approximate=approximate), x.astype(jnp.float32))
-  return (vjp(dy.astype(jnp.float32))[0].astype(x.dtype),)
-
-
-fused_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
@@ -326,7 +268,7 @@ class Mlp(nn.Module):
       params = fc1.variables["params"]
       dtype = self.dtype or jnp.result_type(x, params["kernel"])  # as nn.Dense promotes
       h = jnp.dot(x.astype(dtype), params["kernel"].astype(dtype))
-      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel
+      from sjmae_jax.models import pallas_norm  # pylint: disable=import-outside-toplevel (Pallas: only when asked for)
       x = pallas_norm.gelu_bias(h, params["bias"], self.gelu_approximate)
       return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(x)
     x = fc1(x)
