@@ -35,10 +35,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+def pytest_addoption(parser):
+  parser.addoption("--run-slow", action="store_true",
+                   help="also run the tests marked slow (the GPU scripts' CPU smokes, minutes "
+                        "each); CI runs them: pytest -q -n 2 --run-slow -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--run-slow"):
+    return
+  slow = [item for item in items if "slow" in item.keywords]
+  if slow:  # deselected, not skipped: the README's command says what it ran
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if "slow" not in item.keywords]
+
+
 def pytest_configure(config):
   # The subset that the TensorFlow-free virtualenv of .ci/run runs (`pytest -m no_tf`).
   config.addinivalue_line("markers", "no_tf: runs without TensorFlow installed (the CI subset "
                                      "of the virtualenv made from requirements.txt alone)")
+  config.addinivalue_line("markers", "slow: minutes each (the GPU scripts run at tiny size on the "
+                                     "CPU); only with --run-slow, which CI adds")
   config.addinivalue_line("markers", "tf: the TensorFlow extra's tests (TFRecord datasets): CI "
                                      "runs them in a virtualenv with requirements-tf.txt; "
                                      "without TensorFlow they skip or test the missing extra")

@@ -20,15 +20,18 @@ from tests.helpers import load_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Keys added since the pins, each at the value that leaves behaviour as it was.
 NEW_KEYS_NEUTRAL = {"pad": 0, "off_fraction": 0.0, "train_minutes": 0.0,
-                    "budget_warmup_fraction": 0.05, "budget_calibration_steps": 10}
+                    "budget_warmup_fraction": 0.05, "budget_calibration_steps": 10,
+                    "qkv_impl": "fused", "flatten": False, "num_workers": "auto"}
+NEW_PATHS_NEUTRAL = {"data.decoder": "auto"}  # the same pixels as PIL (tests/test_data_at_scale.py)
 
 
 def without_new_keys(tree, path=""):
   if isinstance(tree, dict):
     kept = {}
     for key, value in tree.items():
-      if key in NEW_KEYS_NEUTRAL:
-        assert value == NEW_KEYS_NEUTRAL[key], f"{path}{key}: {value!r}"
+      if key in NEW_KEYS_NEUTRAL or f"{path}{key}" in NEW_PATHS_NEUTRAL:
+        neutral = NEW_PATHS_NEUTRAL.get(f"{path}{key}", NEW_KEYS_NEUTRAL.get(key))
+        assert value == neutral, f"{path}{key}: {value!r}"
         continue
       if f"{path}{key}" == "data.data_dir":  # ~/tensorflow_datasets: differs per machine
         continue
