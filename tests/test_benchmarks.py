@@ -336,6 +336,7 @@ def test_profile_summary_names_the_ops(tmp_path):
 
 # ----------------------------------------------------------------------------- smoke runs
 
+@pytest.mark.slow
 def test_suite_speed_stage_smoke(tmp_path):
   """`SMOKE=1 bash benchmarks/gpu_suite.sh speed`: issue 16's one-call stage at tiny sizes on
   the CPU: peers (timm; the two clones absent here, so their rows say skipped), the base rows,
@@ -396,6 +397,7 @@ def test_suite_speed_stage_smoke(tmp_path):
 
 
 @pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
+@pytest.mark.slow
 def test_smoke_run_end_to_end_and_levers(tmp_path):
   from PIL import Image
   rng = np.random.default_rng(0)

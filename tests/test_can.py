@@ -63,6 +63,7 @@ def np_nt_xent(z1, z2, tau):
   return total / n2
 
 
+@pytest.mark.slow
 def test_contrastive_term_is_nt_xent_on_the_mean_of_all_tokens(run):
   details = run["details"]
   bound = run["model"].bind(run["variables"])
@@ -203,6 +204,7 @@ def test_zero_weight_terms_are_not_built():
   assert "noise" not in details  # no denoising when the reconstruction terms are off
 
 
+@pytest.mark.slow
 def test_can_trains_on_digits(tmp_path):
   config = small_config(stop_at_step=4, log_every_steps=2)
   summary = trainer.train_and_evaluate(config, str(tmp_path))

@@ -90,6 +90,7 @@ def run_script(tmp_path, spec, **knobs):
   return [json.loads(line) for line in result.stdout.strip().splitlines()]
 
 
+@pytest.mark.slow
 def test_results_script_runs_every_method_at_tiny_size(tmp_path):
   """One call for every kind of method: data unpacked from a pack file, budget-sized
   pretraining, kNN, the fast probe, budget-sized fine-tunes (SJ-MAE's and scratch's), one JSON

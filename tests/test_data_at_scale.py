@@ -305,6 +305,7 @@ def test_prepare_names_a_corrupt_file_in_one_line_or_skips_it(tmp_path):
 # train.py with workers: kill -9 mid-epoch, then the same command.
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_with_workers_then_resume_gives_identical_params(tmp_path):
   import psutil
   import jax

@@ -67,6 +67,7 @@ def assert_identical(a, b):
 
 @pytest.mark.parametrize("name,signum,status", [("finetune", signal.SIGTERM, 0),
                                                  ("linprobe", signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_stopped_mid_run_saves_and_the_rerun_ends_as_an_uninterrupted_run(
     name, signum, status, pretrained, tmp_path):
   reference = tmp_path / "reference"

@@ -101,6 +101,7 @@ def probe_config(workdir, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_linear_probe_fast_and_full_on_digits(pretrained, tmp_path):
   config = probe_config(pretrained[0], mode="both", epochs=20)
   results = linear_probe.run(config, str(tmp_path))
@@ -216,6 +217,7 @@ def test_evaluator_cli_rejects_a_bad_config_in_one_line_and_writes_nothing(
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_finetune_step_computes_the_views_itself_with_augment_on_device(tmp_path):
   config = load_config("finetune")
   config.unlock()

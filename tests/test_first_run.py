@@ -66,6 +66,7 @@ def readme_run(checkout):
 
 
 @pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
+@pytest.mark.slow
 def test_readme_main_command_works_as_typed_and_a_rerun_changes_nothing(readme_run, checkout):
   args, result, workdir = readme_run
   assert result.returncode == 0, result.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_readme_main_command_works_as_typed_and_a_rerun_changes_nothing(readme_r
 
 
 @pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
+@pytest.mark.slow
 def test_evaluators_and_export_take_paths_relative_to_the_current_directory(readme_run, tmp_path):
   _, result, pretrained = readme_run
   assert result.returncode == 0, result.stderr[-3000:]
@@ -127,6 +129,7 @@ def test_evaluators_and_export_take_paths_relative_to_the_current_directory(read
   assert missing.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_configs_by_name_from_any_folder_and_unknown_names_list_the_known_ones(tmp_path):
   plan = [sys.executable, "-m", "sjmae_jax.plan", "--devices=1"]
   by_name = run([*plan, "--config", "sjmae:data=cifar10"], tmp_path, REPO)

@@ -100,6 +100,7 @@ def test_kernel_table_of_a_real_cpu_trace(tmp_path):
 
 
 @pytest.mark.no_tf  # also runs in the virtualenv without TensorFlow (.ci/run)
+@pytest.mark.slow
 def test_gpu_evidence_smoke(tmp_path):
   """`SMOKE=1 bash benchmarks/gpu_evidence.sh`: every part at tiny sizes on the CPU, the kernel
   tables from CPU traces (with the note that a GPU's need a GPU), at most 8 files, and a flag

@@ -413,6 +413,7 @@ def test_loss_decreases_on_digits():
   assert np.mean(losses[-10:]) < 0.95 * np.mean(losses[:10]), losses
 
 
+@pytest.mark.slow
 def test_train_py_with_token_targets(tokenizer_path, tmp_path):
   overrides = {**TINY, "mapet.target": "tokens", "mapet.tokenizer": tokenizer_path,
                "stop_at_step": 4, "picture_every_steps": 4}

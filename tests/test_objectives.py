@@ -60,6 +60,7 @@ def test_every_module_that_registers_is_discovered():
 
 
 @pytest.mark.parametrize("method", sorted(objectives.registered()))
+@pytest.mark.slow
 def test_objective_contract(method, tmp_path):
   config = tiny(method)
   model = objectives.build(config)

@@ -102,6 +102,7 @@ def copy_of(workdir, tmp_path):
 # --- kill -9 and SIGTERM -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_then_the_same_command_gives_identical_params(tmp_path,
                                                                             reference_params):
   """Saves every step (async), so kills land during saves and deletions of old steps; three
@@ -135,6 +136,7 @@ def test_kill_9_at_any_moment_then_the_same_command_gives_identical_params(tmp_p
 
 @pytest.mark.parametrize("signum,status,said", [(signal.SIGTERM, 0, "SIGTERM"),
                                                  (signal.SIGINT, 130, "Ctrl-C")])
+@pytest.mark.slow
 def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_exits_in_one_line(
     tmp_path, reference_params, signum, status, said):
   workdir = tmp_path / "run"
@@ -176,6 +178,7 @@ def busy_cores():
 
 
 @pytest.mark.parametrize("moment", ["compiling", "stepping", "saving"])
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line_without_saving(tmp_path, moment,
                                                                    reference_params):
   workdir = tmp_path / "run"
@@ -219,6 +222,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   workdir = tmp_path / "run"
   port = free_port()
@@ -247,6 +251,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 # --- non-finite losses ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_terms_and_the_last_checkpoint_stays(tmp_path):
   workdir = tmp_path / "run"
   # Poisoned at 13; metrics are looked at only every 5 steps, so the save at 15 is what notices.
@@ -262,6 +267,7 @@ def test_nan_loss_stops_naming_the_step_and_terms_and_the_last_checkpoint_stays(
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_nan_loss_found_at_a_metrics_fetch_and_the_skip_policy(tmp_path):
   """In process: 'stop' notices at the metrics fetch (no save in between); 'skip' trains on."""
   config = tiny_config("mae", stop_at_step=8, log_every_steps=2, **{"debug.poison_step": 3})
@@ -348,6 +354,7 @@ LIMITED_FILE_SIZE = ("import os, resource, sys; "
                      "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
+@pytest.mark.slow
 def test_write_failure_while_saving_fails_with_one_line_and_keeps_the_checkpoints(tmp_path,
                                                                                   stopped_run):
   """A real failing write (RLIMIT_FSIZE: EFBIG from the kernel, where a full disk gives ENOSPC);
@@ -409,6 +416,7 @@ def image_folder(root, count=72, size=16):
   return corrupt
 
 
+@pytest.mark.slow
 def test_corrupt_image_fails_with_one_line_or_is_skipped_and_counted(tmp_path):
   corrupt = image_folder(tmp_path / "images")
   overrides = {**RUN, "stop_at_step": 2, "data.source": f"folder:{tmp_path / 'images'}",

@@ -32,6 +32,7 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+@pytest.mark.slow
 def test_bad_config_fails_with_one_line_and_writes_nothing(tmp_path, case):
   config, overrides, devices, expected = BAD_CONFIGS[case]
   workdir = tmp_path / "run"

@@ -19,6 +19,7 @@ def budget_config(**overrides):
                                "budget_warmup_fraction": 0.1, **overrides})
 
 
+@pytest.mark.slow
 def test_budget_sizes_the_schedule_to_end_at_the_deadline_and_resumes_with_it(tmp_path, capsys):
   workdir = tmp_path / "run"
   budget_file = workdir / schedule_budget.BUDGET_FILE

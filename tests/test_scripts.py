@@ -163,6 +163,7 @@ def free_port_in_jax_slurm_range() -> int:
   pytest.skip("no free port in 61440-65535")
 
 
+@pytest.mark.slow
 def test_slurm_one_task_per_node_command_trains_as_one_two_process_job(tmp_path):
   """Runs the srun command the script builds, as SLURM would run it in 2 tasks on this machine
   (with SLURM_LOCALID set, which the command must hide from JAX). One task per GPU relies on

@@ -129,6 +129,7 @@ def test_mae_style_variant_is_mse_random_patches_and_a_transformer_decoder():
 
 
 @pytest.mark.parametrize("variant", ["simmim", "mae_style"])
+@pytest.mark.slow
 def test_simmim_trains_on_digits(tmp_path, variant):
   overrides = {"stop_at_step": 3, "log_every_steps": 3, "model.depth": 1}
   if variant == "mae_style":

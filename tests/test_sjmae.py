@@ -122,6 +122,7 @@ def test_jigsaw_targets_are_original_positions_of_kept_tokens():
 
 # ---- composition ----
 
+@pytest.mark.slow
 def test_zero_weights_equal_mae_exactly_and_compile_to_the_same_cost():
   sj = tiny_config("sjmae", **{"sjmae.w_jigsaw": 0.0, "sjmae.w_con": 0.0})
   mae = tiny_config("mae")
@@ -164,6 +165,7 @@ def test_batched_passes_equal_separate_passes():
 
 @pytest.mark.parametrize("term,heads", [("w_mae", {"decoder"}), ("w_jigsaw", {"jigsaw_head"}),
                                         ("w_con", {"predictor"})])
+@pytest.mark.slow
 def test_each_term_sends_gradients_to_its_head_and_the_encoder(term, heads):
   weights = {f"sjmae.{w}": (1.0 if w == term else 0.0) for w in ("w_mae", "w_jigsaw", "w_con")}
   config = tiny_config("sjmae", **weights)

@@ -196,6 +196,7 @@ def test_classification_monitor_counts_valid_eval_examples_only():
 
 
 @pytest.mark.parametrize("variant", ["ssat", "fgcr"])
+@pytest.mark.slow
 def test_ssat_trains_on_digits_and_reports_eval_top1(tmp_path, variant):
   # The whole (tiny) schedule: monitors report at its end, not at an early stop_at_step.
   overrides = {"epochs": 1, "batch_size": 448, "log_every_steps": 3}  # 3 steps

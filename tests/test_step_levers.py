@@ -97,6 +97,7 @@ def _relative_error(grads, reference) -> float:
 
 @pytest.mark.parametrize("method", ["mae", "sjmae"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_levers_off_is_the_session13_step(method, dtype):
   loss, grad_norm, grads, _ = _one_step(method, dtype)
   recorded_loss, recorded_norm, recorded_hash = SESSION13[(method, dtype)]
@@ -111,6 +112,7 @@ def test_levers_off_is_the_session13_step(method, dtype):
 
 
 @pytest.mark.parametrize("lever", sorted(LEVERS))
+@pytest.mark.slow
 def test_each_lever_in_bfloat16_matches_the_float32_step(lever):
   ref_loss, _, ref_grads, ref_params = _one_step("mae", "float32")
   plain_loss, _, plain_grads, _ = _one_step("mae", "bfloat16")
@@ -125,6 +127,7 @@ def test_each_lever_in_bfloat16_matches_the_float32_step(lever):
 
 
 @pytest.mark.parametrize("method", ["mae", "sjmae"])
+@pytest.mark.slow
 def test_exact_levers_together_compute_the_same_step(method):
   """In float32 the exact levers change only the order of roundings: the loss and gradients of
   all of them on equal the plain step's to float32 precision (a wrong custom backward pass would
@@ -139,6 +142,7 @@ def test_exact_levers_together_compute_the_same_step(method):
     assert _relative_error(fast_bf16, ref_grads) < 1.25 * _relative_error(plain_bf16, ref_grads)
 
 
+@pytest.mark.slow
 def test_kernels_cast_once_before_gradient_accumulation():
   """With micro-batches the kernels are cast once, outside the scan, and each micro-batch's
   gradients come back in float32 before they are summed: for MAE, whose kernels are each used

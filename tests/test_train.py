@@ -17,6 +17,7 @@ def test_loss_decreases_on_digits_over_50_steps():
   assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10]), losses
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_micro_batch_gradients():
   config = tiny_config("sjmae")  # has BatchNorm: checks batch_stats threading as well
   mesh = sharding.make_mesh(config.mesh)
@@ -44,6 +45,7 @@ def test_grad_accumulation_averages_micro_batch_gradients():
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_views_computed_inside_the_step_match_views_computed_on_the_host():
   config = tiny_config("sjmae")  # two augmented views (colour jitter, blur, crops)
   mesh = sharding.make_mesh(config.mesh)
@@ -105,6 +107,7 @@ def assert_same_training(a, b, steps, peak_lr):
     assert np.abs(x - y).max() <= 2 * steps * peak_lr
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
   straight = run_train(tmp_path / "straight", overrides={"epochs": 1, "warmup_epochs": 0.5})
   assert straight.returncode == 0, straight.stderr[-3000:]
@@ -125,6 +128,7 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
   assert summary["step"] == summary["total_steps"] == 44
 
 
+@pytest.mark.slow
 def test_sharded_8_devices_matches_1_device(tmp_path):
   overrides = {"epochs": 1, "stop_at_step": 6, "warmup_epochs": 0.1,
                "model.embed_dim": 64, "model.num_heads": 4}  # widths divisible by fsdp=2
@@ -144,6 +148,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   overrides = {"epochs": 1, "stop_at_step": 6, "warmup_epochs": 0.1}
   single = run_train(tmp_path / "single", overrides=overrides, devices=2)
@@ -184,6 +189,7 @@ def test_init_from_a_timm_safetensors_file_sets_the_encoder(tmp_path):
     trainer.initialize_encoder_from(wider, config, sharding.tree_shardings(wider, mesh, config.sharding.rules))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():
   losses = {}
   for dtype in ("float32", "bfloat16"):

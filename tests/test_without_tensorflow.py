@@ -74,6 +74,7 @@ def write_cifar_shaped_folder(root, per_class_train=10, per_class_test=3):
         Image.fromarray(pixels.astype(np.uint8)).save(class_dir / f"{index:04d}.jpg", quality=90)
 
 
+@pytest.mark.slow
 def test_cifar10_shaped_folder_pretraining_with_knn_and_tensorboard(tmp_path):
   """SJ-MAE (two simclr views) on an ImageFolder of JPEGs, as on CIFAR-10: the folder cache is
   prepared, training runs, the kNN monitor reports, TensorBoard gets its event file."""
