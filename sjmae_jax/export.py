@@ -90,10 +90,8 @@ def main(argv=None) -> int:
     parser.error("--out must end with .safetensors")
   workdir, out = paths.absolute(args.workdir), paths.absolute(args.out)
 
-  from sjmae_jax import console
   from sjmae_jax.checkpointing import load_params
   from sjmae_jax.models.vit import vit_kwargs
-  console.quiet_logs()
 
   try:
     params, config = load_params(workdir)
@@ -109,5 +107,14 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli_main():
+  """`python -m sjmae_jax.export` / `sjmae-export`: main() with the programs' quiet console (the
+  libraries' INFO and warnings hidden: Orbax opening a checkpoint to read it says "Given
+  directory is read only"). main() itself changes no logging, for callers in process."""
+  from sjmae_jax import console
+  console.quiet_logs()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli_main()

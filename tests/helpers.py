@@ -109,3 +109,18 @@ def train_env(devices=1, env=None):
   """The environment run_train runs train.py in (CPU, `devices` forced devices)."""
   return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+
+
+def take(iterator, count: int) -> list:
+  """The next `count` batches of a pipeline."""
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_batches_equal(first, second):
+  """Two lists of batches hold the same keys and the same arrays, bit for bit."""
+  import numpy as np
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert sorted(a) == sorted(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -24,6 +24,7 @@ from sjmae_jax import data
 from sjmae_jax.data import augment_host, augment_jax
 from sjmae_jax.data.digits import digits_arrays
 from sjmae_jax.data.sources import ArraySplit, FileSplit, RecordSplit, TfdsStreamSplit
+from tests.helpers import assert_batches_equal, take
 
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
 
@@ -43,18 +44,6 @@ def digits_config(data_dir, **overrides):
   for key, value in overrides.items():
     setattr(cfg, key, value)
   return cfg
-
-
-def take(iterator, count):
-  return [next(iterator) for _ in range(count)]
-
-
-def assert_batches_equal(first, second):
-  assert len(first) == len(second)
-  for a, b in zip(first, second):
-    assert sorted(a) == sorted(b)
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def write_folder(root, splits, size=(8, 8), fmt="png", color_of=None):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sjmae_jax import data
 from sjmae_jax.data import augment_host, records
+from tests.helpers import assert_batches_equal, take
 
 pytestmark = pytest.mark.no_tf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,18 +50,6 @@ def folder_config(root, cache_dir, **overrides):
   for key, value in overrides.items():
     setattr(cfg, key, value)
   return cfg
-
-
-def take(pipeline, count):
-  return [next(pipeline) for _ in range(count)]
-
-
-def assert_batches_equal(first, second):
-  assert len(first) == len(second)
-  for a, b in zip(first, second):
-    assert sorted(a) == sorted(b)
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def one_line_error(function, *args, **kwargs):
