@@ -241,10 +241,7 @@ def micro_evidence(args, report: Report) -> None:
       if result is None:
         continue
       reference = reference or result
-      diff = (float(jnp.max(jnp.abs(result[2].astype(jnp.float32)
-                                    - reference[2].astype(jnp.float32)))),
-              float(jnp.max(jnp.abs(result[3].astype(jnp.float32)
-                                    - reference[3].astype(jnp.float32)))))
+      diff = max_differences(result, reference)
       lines.append(f"| LayerNorm | {shape} | {name} | {result[0]:.3f} | {result[1]:,.0f} | "
                    f"{diff[0]:.3g}, {diff[1]:.3g} |")
   for shape in gelus:  # gelu(h + fc1's bias): VJP for h and the bias
@@ -263,13 +260,17 @@ def micro_evidence(args, report: Report) -> None:
       if result is None:
         continue
       reference = reference or result
-      diff = (float(jnp.max(jnp.abs(result[2].astype(jnp.float32)
-                                    - reference[2].astype(jnp.float32)))),
-              float(jnp.max(jnp.abs(result[3].astype(jnp.float32)
-                                    - reference[3].astype(jnp.float32)))))
+      diff = max_differences(result, reference)
       lines.append(f"| GELU + bias | {shape} | {name} | {result[0]:.3f} | {result[1]:,.0f} | "
                    f"{diff[0]:.3g}, {diff[1]:.3g} |")
   report.add("\n".join(lines))
+
+
+def max_differences(result, reference) -> tuple:
+  """Largest absolute differences of a candidate's two outputs (result[2], result[3]) from the
+  reference candidate's, in float32."""
+  return tuple(float(jnp.max(jnp.abs(result[i].astype(jnp.float32)
+                                     - reference[i].astype(jnp.float32)))) for i in (2, 3))
 
 
 # ----------------------------------------------------------------------------- torch peer
