@@ -11,7 +11,6 @@ one is complete. config.json and summary.json are replaced atomically.
 import contextlib
 import json
 import os
-import re
 
 import jax
 import ml_collections
@@ -19,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sjmae_jax import paths
+from sjmae_jax import console, paths
 from sjmae_jax.sharding import path_str
 
 CONFIG_FILE = "config.json"
@@ -144,7 +143,7 @@ class Checkpointer:
     except WorkdirError:
       raise
     except Exception as error:
-      reason = os_error_reason(error)
+      reason = console.os_error_reason(error)
       if reason is None:
         raise
       complete = self.manager.all_steps(read=True)
@@ -159,20 +158,6 @@ def shapes_by_path(tree) -> dict:
   return {path_str(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
-
-def os_error_reason(error: BaseException) -> str | None:
-  """'No space left on device' for an OS-level write failure anywhere in `error`'s chain, also
-  when TensorStore reports it as a ValueError carrying `os_error_code='28'`; else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno:
-      return os.strerror(error.errno)
-    code = re.search(r"os_error_code='?(\d+)", str(error))
-    if code:
-      return os.strerror(int(code.group(1)))
-    error = error.__cause__ or error.__context__
-  return None
 
 
 def is_local(path) -> bool:

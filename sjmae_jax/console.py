@@ -6,6 +6,7 @@ SLURM, nohup) the same facts come as one plain line every `log_every_steps` step
 """
 import logging
 import os
+import re
 import sys
 import time
 
@@ -17,13 +18,58 @@ QUIET_LOGGERS = ("orbax", "tensorflow_datasets", "etils", "grain")
 QUIET_MODULE_PATHS = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/", "/clu/")
 
 
+def os_error_reason(error: BaseException) -> str | None:
+  """'No space left on device' for an OS-level write failure anywhere in `error`'s chain, also
+  when TensorStore reports it as a ValueError carrying `os_error_code='28'`; else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno:
+      return os.strerror(error.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+      return os.strerror(int(code.group(1)))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 class _ThirdPartyBelowError(logging.Filter):
   """Drops records below ERROR that come from the libraries of QUIET_MODULE_PATHS (they all log
-  through absl's one logger, so only the source file tells them apart)."""
+  through absl's one logger, so only the source file tells them apart), and Orbax's error records
+  of a checkpoint write that failed on the file system: each thread of the save logs it with its
+  traceback, and the checkpointer reports it in one line (checkpointing.WorkdirError)."""
 
   def filter(self, record):
-    return record.levelno >= logging.ERROR or not any(
-        part in record.pathname for part in QUIET_MODULE_PATHS)
+    if not any(part in record.pathname for part in QUIET_MODULE_PATHS):
+      return True
+    if record.levelno < logging.ERROR:
+      return False
+    return not ("/orbax/" in record.pathname and (
+        "os_error_code=" in record.getMessage()
+        or (record.exc_info and os_error_reason(record.exc_info[1]))))
+
+
+def _is_closed_loop_callback(error) -> bool:
+  """RuntimeError('Event loop is closed') raised in asyncio's call_soon_threadsafe: TensorStore
+  completing a write of a failed Orbax save whose event loop has already been closed."""
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  frames = [frame.f_code.co_name for frame, _ in _walk_tb(error.__traceback__)]
+  return "call_soon_threadsafe" in frames
+
+
+def _walk_tb(tb):
+  while tb is not None:
+    yield tb.tb_frame, tb.tb_lineno
+    tb = tb.tb_next
+
+
+def _quiet_unraisablehook(original):
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable.exc_value):
+      original(unraisable)
+  hook.quiet = True
+  return hook
 
 
 def quiet_logs() -> None:
@@ -37,6 +83,9 @@ def quiet_logs() -> None:
       filtered.addFilter(_ThirdPartyBelowError())
   for name in QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  # Native callbacks report their exceptions as unraisable (no thread, no logger).
+  if not getattr(sys.unraisablehook, "quiet", False):
+    sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
 
 
 def exit_at_once(message: str, status: int) -> None:
