@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -59,3 +61,39 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "tf: the TensorFlow extra's tests (TFRecord datasets): CI "
                                      "runs them in a virtualenv with requirements-tf.txt; "
                                      "without TensorFlow they skip or test the missing extra")
+
+
+# Runs that several test modules start from, built once per test run (see
+# helpers.shared_between_workers); tests read them and copy them before changing anything.
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+  """Workdir of train.py (tests.helpers.run_train, MAE, 1 device) with UNINTERRUPTED_RUN."""
+  from tests.helpers import UNINTERRUPTED_RUN, run_train, shared_between_workers
+
+  def build(directory):
+    result = run_train(directory / "run", overrides=UNINTERRUPTED_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+  return shared_between_workers(tmp_path_factory, "uninterrupted-run", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def pretrained_mae(tmp_path_factory):
+  """(workdir, the summary train_and_evaluate returned, what it printed) of a tiny MAE pretrained
+  in process for 3 epochs on digits with the kNN monitor every epoch."""
+  import contextlib
+  import io
+  import json
+  from sjmae_jax import trainer
+  from tests.helpers import shared_between_workers, tiny_config
+
+  def build(directory):
+    config = tiny_config("mae", epochs=3, **{"monitors.knn.every_epochs": 1})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      summary = trainer.train_and_evaluate(config, str(directory / "run"))
+    (directory / "returned_summary.json").write_text(json.dumps(summary))
+    (directory / "printed.txt").write_text(printed.getvalue())
+  directory = shared_between_workers(tmp_path_factory, "pretrained-mae", build)
+  return (directory / "run", json.loads((directory / "returned_summary.json").read_text()),
+          (directory / "printed.txt").read_text())

@@ -23,6 +23,11 @@ TINY_OVERRIDES = {
 }
 
 
+# train.py's tiny MAE for 44 steps: the conftest's `uninterrupted_run` fixture, which the resume
+# tests compare with.
+UNINTERRUPTED_RUN = {"epochs": 1, "warmup_epochs": 0.5}
+
+
 def override(config, overrides: dict):
   """`config` with its dotted keys ('model.depth') set to the values of `overrides`."""
   for key, value in overrides.items():
@@ -124,3 +129,25 @@ def assert_batches_equal(first, second):
     assert sorted(a) == sorted(b)
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def shared_between_workers(tmp_path_factory, name: str, build) -> Path:
+  """A directory built once per test run by `build(directory)`, also under pytest-xdist: the first
+  worker to ask builds it while the others wait on a file lock, then all read it. Tests must not
+  write into it (copy it first)."""
+  import fcntl
+  import shutil
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one run's workers
+  directory = root / f"shared-{name}"
+  with open(root / f"shared-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (directory / ".built").exists():
+        shutil.rmtree(directory, ignore_errors=True)  # a build that failed part way
+        directory.mkdir()
+        build(directory)
+        (directory / ".built").touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return directory

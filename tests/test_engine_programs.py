@@ -13,20 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from sjmae_jax import checkpointing, engine, trainer
+from sjmae_jax import checkpointing, engine
 from sjmae_jax.evaluation import finetune, linear_probe
-from tests.helpers import REPO, load_config, override, tiny_config, train_env, wait_until
+from tests.helpers import REPO, load_config, override, train_env, wait_until
 
 EPOCHS = 4  # of 11 (fine-tune) or 5 (probe) steps: long enough to be stopped in the middle
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pretrained")
-  config = tiny_config("mae", epochs=1, **{"monitors.knn.every_epochs": 0})
-  with contextlib.redirect_stdout(io.StringIO()):
-    trainer.train_and_evaluate(config, str(workdir))
-  return workdir
+def pretrained(pretrained_mae):
+  return pretrained_mae[0]
 
 
 PROGRAMS = {  # name: (script, run function, overrides)

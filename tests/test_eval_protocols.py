@@ -1,8 +1,6 @@
 """kNN monitor, linear probe and fine-tuning end to end on digits, from one tiny MAE pretraining
-run made here (nothing downloaded), plus the kNN classifier itself and bad input."""
+run (the `pretrained_mae` fixture; nothing downloaded), plus the kNN classifier itself and bad input."""
 
-import contextlib
-import io
 import json
 import re
 import subprocess
@@ -13,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sjmae_jax import checkpointing, data, engine, interop, optim, sharding, trainer
+from sjmae_jax import checkpointing, data, engine, interop, optim, sharding
 from sjmae_jax.evaluation import common, fast_probe, finetune, knn, linear_probe
 from sjmae_jax.interop.convert import flatten
-from tests.helpers import REPO, load_config, tiny_config
+from tests.helpers import REPO, load_config
 
 
 def test_knn_on_separable_features_is_perfect():
@@ -72,13 +70,8 @@ def test_knn_subset_of_a_class_sorted_folder_covers_every_class(tmp_path):
 # One tiny pretraining run (kNN monitor on every epoch), then the evaluators on its workdir.
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mae")
-  config = tiny_config("mae", epochs=3, **{"monitors.knn.every_epochs": 1})
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    summary = trainer.train_and_evaluate(config, str(workdir))
-  return workdir, summary, printed.getvalue()
+def pretrained(pretrained_mae):
+  return pretrained_mae
 
 
 def test_knn_monitor_runs_during_pretraining_and_lands_in_summary(pretrained):

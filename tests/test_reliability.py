@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from sjmae_jax import checkpointing, trainer
-from tests.helpers import (REPO, run_train, start_train, tiny_config, train_command, train_env,
-                           wait_until)
+from tests.helpers import (REPO, UNINTERRUPTED_RUN, run_train, start_train, tiny_config,
+                           train_command, train_env, wait_until)
 
-RUN = {"epochs": 1, "warmup_epochs": 0.5}  # 44 steps
+RUN = UNINTERRUPTED_RUN  # 44 steps
 TOTAL_STEPS = 44
 
 
@@ -75,12 +75,9 @@ def final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_params(tmp_path_factory):
+def reference_params(uninterrupted_run):
   """Final params of an uninterrupted RUN."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  result = run_train(workdir, overrides=RUN)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return final_params(workdir)
+  return final_params(uninterrupted_run)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sjmae_jax import checkpointing, data, optim, sharding, trainer
-from tests.helpers import run_train, tiny_config, train_losses
+from tests.helpers import UNINTERRUPTED_RUN, run_train, tiny_config, train_losses
 
 
 def test_loss_decreases_on_digits_over_50_steps():
@@ -108,21 +108,18 @@ def assert_same_training(a, b, steps, peak_lr):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
-  straight = run_train(tmp_path / "straight", overrides={"epochs": 1, "warmup_epochs": 0.5})
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  first = run_train(tmp_path / "resumed", overrides={"epochs": 1, "warmup_epochs": 0.5,
-                                                       "stop_at_step": 20})
+def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path, uninterrupted_run):
+  first = run_train(tmp_path / "resumed", overrides={**UNINTERRUPTED_RUN, "stop_at_step": 20})
   assert first.returncode == 0, first.stderr[-3000:]
   assert checkpointing.Checkpointer(tmp_path / "resumed").latest_step() == 20
   # The input pipeline's state is saved with the checkpoint and is what the resumed run starts from.
   data_state = checkpointing.Checkpointer(tmp_path / "resumed", read_only=True).data_state(20)
   assert data_state["step"] == 20 and data_state["grain"] == {"next_index": 20}
   assert (data_state["source"], data_state["num_examples"]) == ("digits", 1438)
-  second = run_train(tmp_path / "resumed", overrides={"epochs": 1, "warmup_epochs": 0.5})
+  second = run_train(tmp_path / "resumed", overrides=UNINTERRUPTED_RUN)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "from step 20" in second.stdout
-  a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+  a, b = final_params(uninterrupted_run), final_params(tmp_path / "resumed")
   assert_trees_close(a, b, rtol=0, atol=0)
   summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
   assert summary["step"] == summary["total_steps"] == 44
