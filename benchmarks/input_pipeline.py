@@ -19,7 +19,8 @@ Cases:
                 decodes like a photo of ImageNet's size. Views at 224 px (--views, default mae),
                 pre-batches only (what the host does when the views are finished on the
                 accelerator), one row per way of reading: threads or --workers processes, PIL or
-                simplejpeg, the folder or ArrayRecord shards made from it (data.prepare, timed).
+                simplejpeg, PIL's or OpenCV's resize (data.resize, rows where OpenCV is
+                installed), the folder or ArrayRecord shards made from it (data.prepare, timed).
 Rows give images/s (wall clock), per core, and images per CPU-second of this process and its
 workers (psutil): the per-core rate that does not depend on what else runs on the machine.
 Each of the first two cases times the views finished on the host (data.augment_on_device=False);
@@ -87,7 +88,8 @@ def main():
     args.rows = args.rows or "folder, threads, pil;arrayrecord, 2 worker"
   args.cifar_dir = args.cifar_dir or config_lib.cifar10_dir()
   versions = {name: importlib.metadata.version(name)
-              for name in ("jax", "grain", "pillow", "simplejpeg", "array-record")
+              for name in ("jax", "grain", "pillow", "simplejpeg", "opencv-python-headless",
+                           "array-record")
               if _installed(name)}
   print("versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
   print(f"cores: {cores} (of {len(available)}), batch {args.batch}, {args.steps} timed steps, "
@@ -164,13 +166,16 @@ def main():
     print(f"prepared ArrayRecord shards in {time.perf_counter() - start:.1f} s")
     workers = args.workers or (2 if args.smoke else cores)
     views = [name.strip() for name in args.views.split(",")]
-    rows = [("folder", 0, "pil"), ("folder", 0, "simplejpeg"), ("folder", workers, "pil"),
-            ("folder", workers, "simplejpeg"), ("arrayrecord", 0, "simplejpeg"),
-            ("arrayrecord", workers, "simplejpeg")]
+    rows = [("folder", 0, "pil", "pil"), ("folder", 0, "simplejpeg", "pil"),
+            ("folder", workers, "pil", "pil"), ("folder", workers, "simplejpeg", "pil"),
+            ("arrayrecord", 0, "simplejpeg", "pil"), ("arrayrecord", workers, "simplejpeg", "pil")]
+    if _installed("opencv-python-headless"):
+      rows += [("folder", 0, "simplejpeg", "opencv"), ("arrayrecord", 0, "simplejpeg", "opencv"),
+               ("arrayrecord", workers, "simplejpeg", "opencv")]
     wanted = [part for part in args.rows.split(";") if part]
-    for source, num_workers, decoder in rows:
+    for source, num_workers, decoder, resize in rows:
       how = f"{num_workers} worker processes" if num_workers else "threads"
-      label = f"(c) {source}, {how}, {decoder}"
+      label = f"(c) {source}, {how}, {decoder}" + (", opencv resize" if resize == "opencv" else "")
       if wanted and not any(word in label for word in wanted):
         continue
       cfg = data.default_config()
@@ -182,6 +187,7 @@ def main():
       cfg.augment_on_device = True
       cfg.num_workers = num_workers
       cfg.decoder = decoder
+      cfg.resize = resize
       measure(cfg, label)
   work_dir.cleanup()
 

@@ -110,6 +110,78 @@ def test_decoders_give_identical_batches_and_bad_names_fail_in_one_line(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
+# Resizing the crops (data.resize).
+
+
+def natural_size_specs(image, count=24, seed=0):
+  """The RandomResizedCrop specs of the mae recipe (mostly shrinking a 500 x 375 photo to 224,
+  some enlarging) and the eval recipe's resize + center crop, at 224 px."""
+  cfg = data.default_config()
+  height, width = image.shape[:2]
+  uniforms = augment_host.draw_uniforms((seed,), (count,))
+  return np.concatenate([
+      augment_host.crop_specs(uniforms, height, width, cfg.recipes.mae, 224, 0.875),
+      augment_host.crop_specs(uniforms[:1], height, width, cfg.recipes.eval, 224, 0.875)])
+
+
+def test_pil_resize_is_pil_crop_then_resize_bit_for_bit():
+  """crop_one cuts the box out as an array view; PIL's own crop + resize (torchvision's
+  resized_crop on a PIL image) gives the same bits, also for a pad-crop beyond the image."""
+  image = photo_like(np.random.default_rng(3), 375, 500)
+  specs = natural_size_specs(image)
+  pad_crop = data.default_config().recipes.mae.copy_and_resolve_references()
+  pad_crop.crop, pad_crop.pad = "pad_crop", 4
+  specs = np.concatenate([specs, augment_host.crop_specs(  # corners: windows beyond the image
+      np.asarray([[0.0] * augment_host.NUM_UNIFORMS, [0.999] * augment_host.NUM_UNIFORMS],
+                 np.float32), 30, 40, pad_crop, 24, 0.875)])
+  for spec in specs:
+    y0, y_len, y_total, y_off, x0, x_len, x_total, x_off = (int(v) for v in spec)
+    source = image if y_total != 24 else image[:30, :40]
+    size = 224 if y_total != 24 else 24
+    for interpolation, resample in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+      expected = np.asarray(Image.fromarray(source).crop((x0, y0, x0 + x_len, y0 + y_len)).resize(
+          (x_total, y_total), resample))[y_off:y_off + size, x_off:x_off + size]
+      np.testing.assert_array_equal(
+          augment_host.crop_one(source, spec, size, interpolation), expected, err_msg=str(spec))
+
+
+def test_opencv_resize_is_close_to_pil_and_bad_names_fail_in_one_line(tmp_path, monkeypatch):
+  pytest.importorskip("cv2")
+  image = photo_like(np.random.default_rng(4), 375, 500)
+  specs = natural_size_specs(image)
+  assert (specs[:, 1] > 224).any() and (specs[:, 1] < 224).any()  # shrinking and enlarging
+  for interpolation in ("bicubic", "bilinear"):
+    pil = np.stack([augment_host.crop_one(image, spec, 224, interpolation) for spec in specs])
+    opencv = np.stack([augment_host.crop_one(image, spec, 224, interpolation, "opencv")
+                       for spec in specs])
+    assert opencv.shape == pil.shape and opencv.dtype == np.uint8
+    levels = np.abs(opencv.astype(np.int16) - pil.astype(np.int16))
+    # Another filter, not another crop: about one level on average, a few at edges.
+    assert levels.mean() < 1.5 and np.percentile(levels, 99) <= 10, (interpolation, levels.mean())
+    assert not np.array_equal(opencv, pil)
+
+  # Through the pipeline: the same crops (boxes, flips, order), resized by OpenCV.
+  root = write_jpeg_folder(str(tmp_path / "jpegs"), sizes=((300, 400), (41, 27)))
+  batches = {}
+  for resize in ("pil", "opencv"):
+    cfg = folder_config(root, tmp_path / "cache", resize=resize, num_workers=0)
+    batches[resize] = take(data.build_train_pipeline(cfg, global_batch_size=4, seed=0,
+                                                     process_index=0, process_count=1), 2)
+  for pil, opencv in zip(batches["pil"], batches["opencv"]):
+    np.testing.assert_array_equal(pil["label"], opencv["label"])
+    levels = np.abs(pil["crops"].astype(np.int16) - opencv["crops"].astype(np.int16))
+    assert 0 < levels.mean() < 3
+
+  cfg = folder_config(root, tmp_path / "cache", resize="cv2")
+  assert "data.resize='cv2'" in one_line_error(data.build_train_pipeline, cfg, 4, 0)
+  monkeypatch.setitem(sys.modules, "cv2", None)  # as if not installed
+  monkeypatch.setattr(augment_host, "_cv2", None)
+  cfg.resize = "opencv"
+  assert "pip install opencv-python-headless" in one_line_error(data.build_train_pipeline, cfg,
+                                                                 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Worker processes (data.num_workers).
 
 
@@ -155,6 +227,28 @@ def test_workers_default_to_the_host_cores_and_bad_counts_fail_in_one_line(tmp_p
   for bad in (-1, "many", 1.5):
     cfg.num_workers = bad
     assert "data.num_workers" in one_line_error(
+        data.build_train_pipeline, cfg, global_batch_size=4, seed=0, process_index=0,
+        process_count=1)
+
+
+def test_threads_default_to_two_per_core_and_change_no_batch(tmp_path, monkeypatch):
+  from sjmae_jax.data import pipeline as pipeline_module
+  root = write_jpeg_folder(str(tmp_path / "jpegs"))
+  cfg = folder_config(root, tmp_path / "cache", num_workers=0)
+  assert cfg.num_threads == "auto"
+  for cores, threads in ((1, 2), (2, 4), (8, 16), (96, 16)):
+    monkeypatch.setattr(pipeline_module, "host_cores", lambda cores=cores: cores)
+    assert pipeline_module._read_options(cfg, 256).num_threads == threads
+  batches = {}
+  for count in ("auto", 1, "3"):  # "3": as --config.data.num_threads=3 gives it
+    cfg.num_threads = count
+    batches[count] = take(data.build_train_pipeline(cfg, global_batch_size=4, seed=0,
+                                                    process_index=0, process_count=1), 3)
+  assert_batches_equal(batches["auto"], batches[1])
+  assert_batches_equal(batches["auto"], batches["3"])
+  for bad in (-1, "many", 2.5):
+    cfg.num_threads = bad
+    assert "data.num_threads" in one_line_error(
         data.build_train_pipeline, cfg, global_batch_size=4, seed=0, process_index=0,
         process_count=1)
 

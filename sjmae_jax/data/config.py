@@ -100,8 +100,16 @@ def default_config():
   # libjpeg-turbo with the same settings and give the same pixels; simplejpeg skips PIL's copies
   # (decode + 224 px crop of a 500 x 375 photo: ~1.2x fewer CPU-seconds, BENCHMARKS.md).
   cfg.decoder = "auto"
+  # How crops of images decoded at every read are resized to img_size on the host: 'pil'
+  # (torchvision's RandomResizedCrop / Resize on PIL images, bit for bit) or 'opencv' (needs
+  # opencv-python-headless; about half PIL's CPU time, pixels within about one level of PIL's
+  # on average: an area filter when shrinking, OpenCV's bicubic when enlarging). Cached
+  # CIFAR-size data is cropped in the batched JAX step and does not use it.
+  cfg.resize = "pil"
   cfg.prefetch = 2  # host-side batches prepared ahead (Grain's prefetch buffer)
-  cfg.num_threads = 16  # Grain threads preparing them (image decoding and cropping with PIL)
+  # Grain threads preparing them (image decoding and cropping): 'auto' = two per host core, at
+  # most 16; or a count (more for remote storage, where threads wait on reads).
+  cfg.num_threads = ml_collections.FieldReference("auto", field_type=object)
   # Grain worker processes decoding images that are read from files / records at every step
   # (each makes whole batches, data.prefetch ahead, in up to that many threads): 'auto' = one per
   # host core for splits of >= 10,000 images, 0 = threads of this process only. In-memory data

@@ -146,10 +146,33 @@ def _normalization(cfg):
 
 
 def _check_read_config(cfg):
-  if cfg.num_threads < 0 or cfg.prefetch < 1:
-    raise DataError(f"data.num_threads={cfg.num_threads} / data.prefetch={cfg.prefetch} (expected "
-                    ">= 0 / >= 1)")
+  if cfg.prefetch < 1:
+    raise DataError(f"data.prefetch={cfg.prefetch} (expected >= 1)")
+  resolve_num_threads(cfg.num_threads)
   resolve_num_workers(cfg.num_workers)
+
+
+def _count(key, value):
+  """An integer >= 0 from a config value ('2' from the command line too), else a DataError."""
+  try:
+    count = int(value)
+  except (TypeError, ValueError):
+    count = -1
+  if count < 0 or str(value).strip() != str(count):
+    raise DataError(f"data.{key}={value!r} (expected 'auto' or an integer >= 0)")
+  return count
+
+
+# Threads beyond about two per core only take turns on the GIL and the caches (2-core machine,
+# 224 px photos: 16 threads make ~12 % fewer images per CPU-second than 2-4; BENCHMARKS.md).
+MAX_AUTO_THREADS = 16
+
+
+def resolve_num_threads(value):
+  """data.num_threads: an int >= 0, or 'auto' = two per host core, at most MAX_AUTO_THREADS."""
+  if value == "auto":
+    return min(MAX_AUTO_THREADS, 2 * host_cores())
+  return _count("num_threads", value)
 
 
 def host_cores():
@@ -168,13 +191,7 @@ def resolve_num_workers(value, num_examples=None):
   if value == "auto":
     small = num_examples is not None and num_examples < AUTO_WORKERS_MIN_EXAMPLES
     return 0 if small else host_cores()
-  try:
-    count = int(value)
-  except (TypeError, ValueError):
-    count = -1
-  if count < 0 or str(value).strip() != str(count):
-    raise DataError(f"data.num_workers={value!r} (expected 'auto' or an integer >= 0)")
-  return count
+  return _count("num_workers", value)
 
 
 def _worker_init(worker_index, num_workers):
@@ -211,7 +228,7 @@ def _worker_died(error, worker, num_workers):
 
 def _read_options(cfg, buffer_size):
   """Grain's threads and buffer: `buffer_size` elements ahead, at most one thread each."""
-  return grain.ReadOptions(num_threads=min(int(cfg.num_threads), buffer_size),
+  return grain.ReadOptions(num_threads=min(resolve_num_threads(cfg.num_threads), buffer_size),
                            prefetch_buffer_size=buffer_size)
 
 
@@ -230,10 +247,11 @@ def _crops_in_batch(split_data):
 class _PreBatcher:
   """Host side of the views: crop specs for cached batches, or crops of single images."""
 
-  def __init__(self, recipes, size, crop_fraction):
+  def __init__(self, recipes, size, crop_fraction, resize="pil"):
     self.recipes = recipes
     self.size = size
     self.crop_fraction = crop_fraction
+    self.resize = resize  # augment_host.resolve_resize's result
 
   def batch_specs(self, height, width, uniforms):
     """Images of one size H x W, uniforms (B, K, U) -> CropSpec rows (B, K, 8)."""
@@ -247,7 +265,7 @@ class _PreBatcher:
     return np.stack([
         augment_host.crop_one(image, augment_host.crop_specs(
             uniforms[view], height, width, recipe, self.size, self.crop_fraction),
-                              self.size, recipe.interpolation)
+                              self.size, recipe.interpolation, self.resize)
         for view, recipe in enumerate(self.recipes)])
 
   def array_pre_batch(self, split_data, indices, uniforms):
@@ -361,7 +379,8 @@ class TrainPipeline:
     self.image_size = int(cfg.img_size)
     self.augment_on_device = resolve_augment_on_device(cfg.augment_on_device)
     self.finish_batch = augment_jax.make_finish_fn(recipes, self.image_size, _normalization(cfg))
-    self._pre_batcher = _PreBatcher(recipes, self.image_size, cfg.eval_crop_fraction)
+    self._pre_batcher = _PreBatcher(recipes, self.image_size, cfg.eval_crop_fraction,
+                                    augment_host.resolve_resize(cfg.resize))
     self._cfg = cfg
     source = open_source(cfg)
     self.split_data = source.load(cfg.train_split, cfg.cache)
@@ -519,7 +538,8 @@ class TrainPipeline:
     steps, local_batch, num_views = self.steps_per_epoch, self.local_batch_size, self.num_views
     epoch, start_batch = divmod(self.step, steps)
     decoder = augment_host.resolve_decoder(cfg.decoder)
-    with concurrent.futures.ThreadPoolExecutor(max(int(cfg.num_threads), 1)) as pool:
+    threads = max(resolve_num_threads(cfg.num_threads), 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       while True:
         shuffle_seed = int(augment_host.generator(
             self.seed, _STREAM_SALT, epoch, self.process_index).integers(2**31))
@@ -559,7 +579,8 @@ class EvalPipeline:
     self.image_size = int(cfg.img_size)
     self._cfg = cfg
     recipes = [_recipe(cfg, cfg.eval_recipe)]
-    self._pre_batcher = _PreBatcher(recipes, self.image_size, cfg.eval_crop_fraction)
+    self._pre_batcher = _PreBatcher(recipes, self.image_size, cfg.eval_crop_fraction,
+                                    augment_host.resolve_resize(cfg.resize))
     self._finish = augment_jax.make_finish_fn(recipes, self.image_size, _normalization(cfg))
     source = open_source(cfg)
     self.split_data = source.load(self.split, cfg.cache)
@@ -623,7 +644,8 @@ class EvalPipeline:
         stream.builder, stream.split, stream.image_key, stream.label_key, shuffle_seed=None,
         shuffle_buffer=0, process_index=self.process_index, process_count=self.process_count,
         drop_remainder=False)
-    with concurrent.futures.ThreadPoolExecutor(max(int(self._cfg.num_threads), 1)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(
+        max(resolve_num_threads(self._cfg.num_threads), 1)) as pool:
       for batch in range(self.num_batches):
         chunk = list(itertools.islice(examples, local_batch))
         uniforms = augment_host.draw_uniforms((0, _EVAL_SALT, self.process_index, batch),
