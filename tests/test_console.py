@@ -2,6 +2,7 @@
 import io
 import logging
 
+import pytest
 from absl import logging as absl_logging
 
 from sjmae_jax import console
@@ -76,26 +77,69 @@ def test_on_a_terminal_the_live_line_names_the_step_of_an_older_loss(monkeypatch
   assert out.getvalue().split("\r\033[K")[-1].startswith("step 25/100: loss 1.0000 (step 20) |")
 
 
-def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors():
+@pytest.fixture
+def logging_restored():
+  """What quiet_logs changes (absl's handler and logger filters, levels) put back afterwards."""
   handler = absl_logging.get_absl_handler()
   absl_logger = logging.getLogger("absl")
   before_filters, before_level = list(handler.filters), absl_logging.get_verbosity()
   before_logger_filters = list(absl_logger.filters)
   before_levels = {name: logging.getLogger(name).level for name in (*console.QUIET_LOGGERS, "absl")}
+  yield handler, absl_logger
+  handler.filters[:] = before_filters
+  absl_logger.filters[:] = before_logger_filters
+  absl_logging.set_verbosity(before_level)  # sets the absl logger's level: put it back too
+  for name, level in before_levels.items():
+    logging.getLogger(name).setLevel(level)
+
+
+def test_quiet_logs_hide_library_info_and_warnings_but_not_ours_or_errors(logging_restored):
+  handler, absl_logger = logging_restored
+  console.quiet_logs()
+  make = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", (), None)
+  keep = lambda record: all(f.filter(record) for f in handler.filters)
+  assert not keep(make(logging.WARNING, "/site-packages/orbax/checkpoint/manager.py"))
+  assert keep(make(logging.ERROR, "/site-packages/orbax/checkpoint/manager.py"))
+  assert keep(make(logging.WARNING, "/repo/sjmae_jax/data/sources.py"))
+  assert absl_logging.get_verbosity() == absl_logging.WARNING
+  # Without absl's app.run (the export) records reach Python's handlers: the logger filters too.
+  assert not absl_logger.filter(make(logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
+  assert absl_logger.filter(make(logging.WARNING, "/repo/sjmae_jax/export.py"))
+  # A checkpoint write that failed on the file system: the checkpointer says it in one line.
+  disk_full = ValueError("RESOURCE_EXHAUSTED: Failed to write 56712 bytes to file 7: No space "
+                         "left on device [os_error_code='28']")
+  for message, exc_info in (("Save Finalize thread failed.", (ValueError, disk_full, None)),
+                            (str(disk_full), None)):
+    record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/f.py", 1,
+                               message, (), exc_info)
+    assert not keep(record)
+  other = ValueError("RESOURCE_EXHAUSTED: out of memory")
+  assert keep(logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/f.py", 1,
+                                "failed", (), (ValueError, other, None)))
+
+
+def raised_by(function):
   try:
-    console.quiet_logs()
-    make = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", (), None)
-    keep = lambda record: all(f.filter(record) for f in handler.filters)
-    assert not keep(make(logging.WARNING, "/site-packages/orbax/checkpoint/manager.py"))
-    assert keep(make(logging.ERROR, "/site-packages/orbax/checkpoint/manager.py"))
-    assert keep(make(logging.WARNING, "/repo/sjmae_jax/data/sources.py"))
-    assert absl_logging.get_verbosity() == absl_logging.WARNING
-    # Without absl's app.run (the export) records reach Python's handlers: the logger filters too.
-    assert not absl_logger.filter(make(logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
-    assert absl_logger.filter(make(logging.WARNING, "/repo/sjmae_jax/export.py"))
-  finally:
-    handler.filters[:] = before_filters
-    absl_logger.filters[:] = before_logger_filters
-    absl_logging.set_verbosity(before_level)  # sets the absl logger's level: put it back too
-    for name, level in before_levels.items():
-      logging.getLogger(name).setLevel(level)
+    function()
+  except Exception as caught:  # pylint: disable=broad-except
+    return caught
+  raise AssertionError("nothing raised")
+
+
+def test_quiet_console_hides_only_callbacks_into_a_closed_event_loop(monkeypatch,
+                                                                    logging_restored):
+  import asyncio
+  import sys
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  console.quiet_logs()
+  loop = asyncio.new_event_loop()
+  loop.close()
+  # TensorStore completing a write of a failed Orbax save, whose loop is closed already:
+  closed = raised_by(lambda: loop.call_soon_threadsafe(print))
+  def same_words_elsewhere():
+    raise RuntimeError("Event loop is closed")
+  errors = [closed, raised_by(same_words_elsewhere), raised_by(lambda: 1 / 0)]
+  for error in errors:
+    sys.unraisablehook(type("Unraisable", (), {"exc_value": error})())
+  assert [unraisable.exc_value for unraisable in reported] == errors[1:]
