@@ -32,6 +32,7 @@ rows (threads + PIL from the folder, 2 workers + simplejpeg from ArrayRecord).
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import tempfile
@@ -169,7 +170,7 @@ def main():
     rows = [("folder", 0, "pil", "pil"), ("folder", 0, "simplejpeg", "pil"),
             ("folder", workers, "pil", "pil"), ("folder", workers, "simplejpeg", "pil"),
             ("arrayrecord", 0, "simplejpeg", "pil"), ("arrayrecord", workers, "simplejpeg", "pil")]
-    if _installed("opencv-python-headless"):
+    if importlib.util.find_spec("cv2") is not None:  # OpenCV, in any of its wheels
       rows += [("folder", 0, "simplejpeg", "opencv"), ("arrayrecord", 0, "simplejpeg", "opencv"),
                ("arrayrecord", workers, "simplejpeg", "opencv")]
     wanted = [part for part in args.rows.split(";") if part]

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 from absl import logging as absl_logging
 
@@ -54,14 +55,8 @@ def _is_closed_loop_callback(error) -> bool:
   completing a write of a failed Orbax save whose event loop has already been closed."""
   if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
     return False
-  frames = [frame.f_code.co_name for frame, _ in _walk_tb(error.__traceback__)]
+  frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
   return "call_soon_threadsafe" in frames
-
-
-def _walk_tb(tb):
-  while tb is not None:
-    yield tb.tb_frame, tb.tb_lineno
-    tb = tb.tb_next
 
 
 def _quiet_unraisablehook(original):

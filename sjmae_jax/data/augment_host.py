@@ -259,10 +259,10 @@ def crop_one(image, spec, size, interpolation, resize="pil"):
       int(value) for value in spec)
   height, width = image.shape[:2]
   if y_start < 0 or x_start < 0 or y_start + y_length > height or x_start + x_length > width:
-    crop = Image.fromarray(image).crop((x_start, y_start, x_start + x_length, y_start + y_length))
-    resized = np.asarray(crop.resize((x_total, y_total), _RESAMPLE[interpolation]))
-    return resized[y_offset:y_offset + size, x_offset:x_offset + size]
-  crop = image[y_start:y_start + y_length, x_start:x_start + x_length]
+    crop = np.asarray(Image.fromarray(image).crop(
+        (x_start, y_start, x_start + x_length, y_start + y_length)))
+  else:
+    crop = image[y_start:y_start + y_length, x_start:x_start + x_length]
   if (y_total, x_total) == (y_length, x_length):
     resized = crop
   elif resize == "opencv":
