@@ -253,6 +253,17 @@ def device_prefetch(host_batches, mesh, depth: int = 2):
       yield queue.popleft()
 
 
+def state_layout(task: Task, mesh):
+  """(init_fn, rng, abstract state, shardings) of the task's training state on `mesh`: what the
+  run restores into or initializes, and what the step's state is sharded by."""
+  config = task.config
+  init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  return init_fn, rng, abstract_state, sharding.tree_shardings(
+      abstract_state, mesh, config.sharding.rules, config.sharding.min_size)
+
+
 def measure_step_speed(program: Program, num_steps: int) -> dict:
   """Seconds per step of the program's jitted step over `num_steps` steps, on a fresh state and
   the run's first batches, after the compiling step and the steps that read what the input
@@ -261,10 +272,7 @@ def measure_step_speed(program: Program, num_steps: int) -> dict:
   config = program.config
   task = program.build(0)
   mesh = sharding.make_mesh(config.mesh)
-  init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
-  rng = jax.random.PRNGKey(config.seed)
-  state_shardings = sharding.tree_shardings(jax.eval_shape(init_fn, rng), mesh,
-                                            config.sharding.rules, config.sharding.min_size)
+  init_fn, rng, _, state_shardings = state_layout(task, mesh)
   state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
   train_step = jitted_train_step(task, mesh, state_shardings)
   batches = device_prefetch(iter(task.train_data), mesh)
@@ -607,11 +615,7 @@ class _Run:
     every = lambda block, name: config_lib.every_steps(
         block, name, steps_per_epoch=train_data.steps_per_epoch, batch_size=config.batch_size)
 
-    init_fn = lambda rng: with_bookkeeping(task.init_state(rng), task.tx)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init_fn, rng)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules,
-                                              config.sharding.min_size)
+    init_fn, rng, abstract_state, state_shardings = state_layout(task, mesh)
     checkpointing.write_config(workdir, config)  # the first write to the workdir
     checkpointer = checkpointing.Checkpointer(  # deletes what killed saves left behind
         workdir, max_to_keep=config.checkpoint.keep,
